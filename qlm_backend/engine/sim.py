@@ -1,0 +1,296 @@
+"""A continuous-batching LLM engine in the style of vLLM, driven by a clock it is given.
+
+Pure: no threads, no clock reads. The Triton model (triton/sim_engine.py) runs it against the wall
+clock; the evaluation simulator runs it in virtual time:
+
+    while (t := engine.next_event_s()) is not None:
+        for ev in engine.advance(t): ...
+
+One iteration admits waiting requests while sequence slots, the prefill token budget and KV blocks
+allow, prefills them, and decodes one token for every running sequence. When a running sequence
+needs a KV block and none is free, the most recently admitted (or, under priority scheduling, the
+lowest-priority) sequence is preempted: recompute drops its KV and re-prefills prompt + generated
+tokens later; swap copies its KV to host memory over PCIe and back. Times come from PerfModel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from qlm_backend.engine.hardware import KV_BLOCK_TOKENS
+from qlm_backend.engine.perf import PerfModel
+
+Scheduling = Literal["fcfs", "priority"]
+Preemption = Literal["recompute", "swap"]
+SCHEDULING_POLICIES: tuple[Scheduling, ...] = ("fcfs", "priority")
+PREEMPTION_MODES: tuple[Preemption, ...] = ("recompute", "swap")
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    # Tokens the request produces before it stops (== max_tokens when ignore_eos).
+    output_tokens: int
+    priority: int = 0  # lower is served first, as in vLLM
+    arrival_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token_index: int  # 0-based index of the output token just produced
+    time_s: float
+    finished: bool
+    finish_reason: str | None  # "length" | "stop" when finished
+
+
+@dataclass(eq=False)  # identity semantics: two sequences are never the same by value
+class _Seq:
+    req: EngineRequest
+    order: int  # admission order key for FCFS tie-breaks
+    generated: int = 0
+    blocks: int = 0
+    swapped: bool = False  # KV lives in host memory
+    needs_prefill: bool = True
+
+    @property
+    def context_tokens(self) -> int:
+        return self.req.prompt_tokens + self.generated
+
+    @property
+    def target(self) -> int:
+        return min(self.req.output_tokens, self.req.max_tokens)
+
+
+@dataclass
+class EngineStats:
+    iterations: int = 0
+    busy_s: float = 0.0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    swaps_out: int = 0
+    aborted: int = 0
+    finished: int = 0
+
+
+@dataclass
+class _Iteration:
+    end_s: float
+    decode: list[_Seq]
+    prefill: list[_Seq]
+
+
+@dataclass
+class SimEngine:
+    perf: PerfModel
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    scheduling: Scheduling = "fcfs"
+    preemption: Preemption = "recompute"
+    stats: EngineStats = field(default_factory=EngineStats)
+
+    def __post_init__(self) -> None:
+        if self.scheduling not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling must be one of {SCHEDULING_POLICIES}, got {self.scheduling!r}"
+            )
+        if self.preemption not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        self.total_blocks = self.perf.kv_capacity_blocks
+        self.free_blocks = self.total_blocks
+        self._waiting: list[_Seq] = []
+        self._running: list[_Seq] = []
+        self._current: _Iteration | None = None
+        # When idle, the next iteration starts at the first arrival's time, so that requests that
+        # arrive at the same instant share one iteration (as vLLM's engine loop picks them up).
+        self._start_at: float | None = None
+        self._order = 0
+        self._ids: set[str] = set()
+
+    # --- public API -------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._ids
+
+    def add(self, req: EngineRequest, now: float) -> None:
+        if req.request_id in self._ids:
+            raise ValueError(f"request_id {req.request_id!r} is already in the engine")
+        if req.prompt_tokens < 1 or req.max_tokens < 1:
+            raise ValueError("prompt_tokens and max_tokens must be >= 1")
+        if self._blocks_for(req.prompt_tokens + 1) > self.total_blocks:
+            raise ValueError(
+                f"prompt of {req.prompt_tokens} tokens exceeds the KV cache "
+                f"({self.total_blocks * KV_BLOCK_TOKENS} tokens)"
+            )
+        self._ids.add(req.request_id)
+        self._waiting.append(_Seq(req, self._order))
+        self._order += 1
+        self._kick(now)
+
+    def abort(self, request_id: str, now: float) -> bool:
+        if request_id not in self._ids:
+            return False
+        for lst in (self._waiting, self._running):
+            for s in lst:
+                if s.req.request_id == request_id:
+                    lst.remove(s)
+                    self._release(s)
+        # A sequence in the iteration in progress simply produces nothing when it ends.
+        self._ids.discard(request_id)
+        self.stats.aborted += 1
+        if not self._waiting and not self._running:
+            self._start_at = None
+        return True
+
+    def _kick(self, now: float) -> None:
+        if self._current is None and self._start_at is None:
+            self._start_at = now
+
+    def next_event_s(self) -> float | None:
+        """When advance() next has something to do: an iteration's end, or an idle engine's start."""
+        if self._current is not None:
+            return self._current.end_s
+        return self._start_at
+
+    def advance(self, now: float) -> list[TokenEvent]:
+        """Complete every iteration that ends at or before `now`; start the next one."""
+        events: list[TokenEvent] = []
+        while True:
+            if self._current is None:
+                if self._start_at is None or self._start_at > now:
+                    break
+                start, self._start_at = self._start_at, None
+                self._start_iteration(start)
+                if self._current is None:
+                    break
+                continue
+            if self._current.end_s > now:
+                break
+            it = self._current
+            self._current = None
+            events.extend(self._finish_iteration(it))
+            self._start_iteration(it.end_s)
+        return events
+
+    def expected_step_s(self) -> float:
+        """Decode step time at the current batch (for schedulers that want a rate)."""
+        ctx = sum(s.context_tokens for s in self._running)
+        return self.perf.decode_step_s(max(1, len(self._running)), ctx)
+
+    # --- internals ----------------------------------------------------------------------------
+    @staticmethod
+    def _blocks_for(tokens: int) -> int:
+        return math.ceil(tokens / KV_BLOCK_TOKENS)
+
+    def _release(self, s: _Seq) -> None:
+        if not s.swapped:
+            self.free_blocks += s.blocks
+        s.blocks = 0
+
+    def _queue_key(self, s: _Seq) -> tuple[int, int]:
+        if self.scheduling == "priority":
+            return (s.req.priority, s.order)
+        return (0, s.order)
+
+    def _start_iteration(self, now: float) -> None:
+        if not self._waiting and not self._running:
+            return
+        swap_s = 0.0
+        # Grow running sequences' KV by one token; preempt victims when blocks run out.
+        for s in sorted(self._running, key=self._queue_key):
+            if s not in self._running:
+                continue
+            need = self._blocks_for(s.context_tokens + 1) - s.blocks
+            while need > self.free_blocks:
+                victim = max(self._running, key=self._queue_key)
+                swap_s += self._preempt(victim)
+                if victim is s:
+                    break
+            if s in self._running and need > 0:
+                self.free_blocks -= need
+                s.blocks += need
+        # Admit waiting sequences in queue order while slots, budget and blocks allow.
+        prefill: list[_Seq] = []
+        budget = self.max_num_batched_tokens
+        self._waiting.sort(key=self._queue_key)
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            s = self._waiting[0]
+            tokens = s.context_tokens if not s.swapped else 0
+            need = self._blocks_for(s.context_tokens + 1)
+            if need > self.free_blocks:
+                break
+            if tokens > budget and prefill:
+                break
+            self._waiting.pop(0)
+            self.free_blocks -= need
+            s.blocks = need
+            if s.swapped:
+                swap_s += self.perf.kv_swap_s(s.context_tokens)
+                s.swapped = False
+            else:
+                budget -= tokens
+                s.needs_prefill = True
+                prefill.append(s)
+            self._running.append(s)
+        if not self._running:
+            return
+        prefill_tokens = sum(s.context_tokens for s in prefill)
+        decode = [s for s in self._running if s not in prefill]
+        ctx = sum(s.context_tokens for s in decode)
+        dur = self.perf.iteration_s(prefill_tokens, len(decode), ctx) + swap_s
+        self.stats.iterations += 1
+        self.stats.busy_s += dur
+        self.stats.prefill_tokens += prefill_tokens
+        self._current = _Iteration(now + dur, decode, prefill)
+
+    def _preempt(self, victim: _Seq) -> float:
+        self._running.remove(victim)
+        self.stats.preemptions += 1
+        cost = 0.0
+        if self.preemption == "swap":
+            cost = self.perf.kv_swap_s(victim.context_tokens)
+            self.free_blocks += victim.blocks
+            victim.blocks = 0
+            victim.swapped = True
+            self.stats.swaps_out += 1
+        else:
+            self._release(victim)
+            victim.needs_prefill = True
+        self._waiting.append(victim)
+        return cost
+
+    def _finish_iteration(self, it: _Iteration) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        for s in it.prefill + it.decode:
+            if s not in self._running:  # aborted or preempted during the iteration
+                continue
+            s.needs_prefill = False
+            idx = s.generated
+            s.generated += 1
+            self.stats.generated_tokens += 1
+            done = s.generated >= s.target
+            reason = None
+            if done:
+                reason = "length" if s.generated >= s.req.max_tokens else "stop"
+                self._running.remove(s)
+                self._release(s)
+                self._ids.discard(s.req.request_id)
+                self.stats.finished += 1
+            events.append(TokenEvent(s.req.request_id, idx, it.end_s, done, reason))
+        return events

@@ -1,0 +1,147 @@
+"""`qlm-serve`: start a real tritonserver with QLM on a fleet, print how to call it, stop cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from qlm_backend.triton.installation import TritonNotFound, default_cache_dir, find_triton
+from qlm_backend.triton.repository import engine_model_name
+from qlm_backend.triton.server import PortInUse, TritonServer
+
+FLEET_FILE = "fleet.json"
+ROUTER_MODEL = "qlm"
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def models_to_load(repo: Path, fleet_path: Path | None) -> list[str]:
+    """The router (when the repository has one) and each instance's initial engine."""
+    fleet_path = fleet_path or repo / FLEET_FILE
+    if not fleet_path.exists():
+        raise LaunchError(f"no fleet config at {fleet_path} (pass --fleet FILE)")
+    try:
+        fleet = json.loads(fleet_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LaunchError(f"fleet config {fleet_path} is not valid JSON: {e}") from None
+    names = []
+    for i, inst in enumerate(fleet.get("instances", [])):
+        if "id" not in inst:
+            raise LaunchError(f"fleet config {fleet_path}: instances[{i}] has no 'id'")
+        if inst.get("server"):  # lives on another Triton server; nothing to load here
+            continue
+        model = inst.get("initial_model")
+        if model:
+            name = engine_model_name(model, inst["id"])
+            if not (repo / name).is_dir():
+                raise LaunchError(
+                    f"fleet config: instances[{i}].initial_model {model!r} has no engine model {name!r} in {repo}"
+                )
+            names.append(name)
+    if (repo / ROUTER_MODEL).is_dir():
+        names.append(ROUTER_MODEL)
+    return names
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="qlm-serve", description=__doc__)
+    p.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    p.add_argument(
+        "--fleet", type=Path, default=None, help="fleet config (default: <repository>/fleet.json)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--log-file", type=Path, default=None, help="server log (default: stdout)")
+    p.add_argument("--triton", choices=("auto", "system", "pytriton"), default="auto")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    return p.parse_args(argv)
+
+
+def example_engine(loaded: list[str]) -> str:
+    engines = [m for m in loaded if m != ROUTER_MODEL]
+    return engines[0] if engines else ROUTER_MODEL
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    repo = a.model_repository.resolve()
+    try:
+        if not repo.is_dir():
+            raise LaunchError(f"model repository {repo} does not exist")
+        loads = models_to_load(repo, a.fleet)
+        inst = find_triton(default_cache_dir(), a.triton)
+        server = TritonServer(
+            repo,
+            http_port=a.http_port,
+            grpc_port=a.grpc_port,
+            metrics_port=a.metrics_port,
+            host=a.host,
+            load_models=loads,
+            log_verbose=a.log_verbose,
+            log_path=a.log_file,
+            installation=inst,
+        )
+        if a.dry_run:
+            print(" ".join(server.command()))
+            return 0
+    except (LaunchError, TritonNotFound, PortInUse, ValueError) as e:
+        print(f"qlm-serve: error: {e}", file=sys.stderr)
+        return 2
+
+    stop = {"sig": 0}
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop["sig"] = signum
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"qlm-serve: starting tritonserver {inst.version} ({inst.kind}) on {repo}", flush=True)
+    print(f"qlm-serve: loading {', '.join(loads)}", flush=True)
+    try:
+        took = server.start(timeout_s=a.timeout)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"qlm-serve: error: {e}", file=sys.stderr)
+        return 1
+    host = a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    eng = example_engine(loads)
+    print(
+        f"\nQLM is ready in {took:.1f} s.\n"
+        f"  HTTP     http://{host}:{server.http_port}\n"
+        f"  gRPC     {host}:{server.grpc_port}\n"
+        f"  metrics  http://{host}:{server.metrics_port}/metrics\n"
+        f"  models   {', '.join(loads)}\n\n"
+        "Try:\n"
+        f"  curl -N http://{host}:{server.http_port}/v2/models/{eng}/generate_stream "
+        '-d \'{"text_input": "hi", "max_tokens": 8}\'\n\n'
+        "Ctrl-C stops the server.",
+        flush=True,
+    )
+    try:
+        while not stop["sig"]:
+            if server.proc is not None and server.proc.poll() is not None:
+                print(
+                    f"qlm-serve: tritonserver exited with code {server.proc.returncode}",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.2)
+    finally:
+        print("\nqlm-serve: stopping tritonserver ...", flush=True)
+        server.stop()
+        print("qlm-serve: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The simulated vLLM engine as a Triton Python-backend model (decoupled).
+
+It serves the I/O contract of Triton's vllm_backend, so a real `backend: "vllm"` model can replace
+it with a config change only. Behind it runs engine/sim.py's continuous-batching model against the
+wall clock (scaled by `time_scale`); tokens are synthetic words (engine/tokens.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+from qlm_backend.contract import BOOL_INPUTS, GenerateParams, output_arrays, parse_generate
+from qlm_backend.engine.config import EngineConfig, load_engine_config
+from qlm_backend.engine.sim import EngineRequest, SimEngine, TokenEvent
+from qlm_backend.engine.tokens import (
+    SynthToken,
+    TokenStream,
+    count_prompt_tokens,
+    draw_output_length,
+    logprobs_json,
+    request_seed,
+)
+from qlm_backend.triton.glue import (
+    LoopThread,
+    Metrics,
+    error_kind,
+    make_response,
+    model_config,
+    read_inputs,
+    send_error,
+)
+
+INPUTS = ("text_input", "sampling_parameters", "priority", *BOOL_INPUTS)
+
+
+@dataclass
+class _Active:
+    sender: Any
+    params: GenerateParams
+    prompt_tokens: int
+    stream: TokenStream
+    start_wall: float
+    tokens: list[SynthToken] = field(default_factory=list)
+    first_token_wall: float | None = None
+
+
+class SimEngineModel:
+    """TritonPythonModel for engine models: model.py does `from ... import SimEngineModel as TritonPythonModel`."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.logger = pb_utils.Logger
+        self.name = args["model_name"]
+        self.version = args["model_version"]
+        cfg = model_config(args)
+        if not pb_utils.using_decoupled_model_transaction_policy(cfg):
+            raise pb_utils.TritonModelException(f"{self.name}: the engine model must be decoupled")
+        self.cfg: EngineConfig = load_engine_config(
+            cfg, Path(args["model_repository"]) / args["model_version"]
+        )
+        perf = self.cfg.perf()
+        self.max_context = perf.model.max_context_tokens
+        self.engine = SimEngine(
+            perf,
+            max_num_seqs=self.cfg.max_num_seqs,
+            max_num_batched_tokens=self.cfg.max_num_batched_tokens,
+            scheduling=self.cfg.scheduling,
+            preemption=self.cfg.preemption,
+        )
+        if self.cfg.load_mode != "none":
+            # The model load itself: a swap onto this instance pays it here, as vLLM would.
+            load_s = perf.load_s(warm=self.cfg.load_mode == "warm") * self.cfg.time_scale
+            self.logger.log_info(f"{self.name}: {self.cfg.load_mode} load, {load_s:.2f} s")
+            time.sleep(load_s)
+        self.metrics = Metrics(self.name, self.version)
+        self._active: dict[str, _Active] = {}
+        self._seq = 0
+        self._t0 = time.monotonic()
+        self._wake: asyncio.Event | None = None
+        self._closing = False
+        self.loop = LoopThread(f"{self.name}-engine")
+        self._runner = self.loop.submit(self._run())
+        self.logger.log_info(
+            f"{self.name}: simulated {self.cfg.model} on {perf.tp} x {self.cfg.gpu}, "
+            f"KV {perf.kv_capacity_tokens} tokens, time_scale {self.cfg.time_scale}"
+        )
+
+    # --- Triton entry points ------------------------------------------------------------------
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                params = parse_generate(
+                    read_inputs(request, INPUTS),
+                    request.parameters(),
+                    self.max_context,
+                    count_prompt_tokens,
+                    default_stream=self.cfg.default_stream,
+                )
+            except Exception as e:  # noqa: BLE001 - every bad request gets its error, never silence
+                send_error(sender, f"{self.name}: {e}", error_kind(e))
+                continue
+            self.loop.call(self._admit, sender, params)
+        return None
+
+    def finalize(self) -> None:
+        self._closing = True
+        self.loop.call(self._drain)
+        try:
+            self._runner.result(timeout=10)
+        except Exception:  # noqa: BLE001 - best effort on unload
+            pass
+        self.loop.stop()
+
+    # --- the loop -----------------------------------------------------------------------------
+    def _now(self) -> float:
+        return (time.monotonic() - self._t0) / self.cfg.time_scale
+
+    def _admit(self, sender: Any, params: GenerateParams) -> None:
+        if self._closing:
+            send_error(sender, f"{self.name}: model is unloading", "unavailable")
+            return
+        self._seq += 1
+        rid = f"r{self._seq}"
+        n_prompt = count_prompt_tokens(params.prompt)
+        s = params.sampling
+        seed = request_seed(params.prompt, s.seed)
+        target = (
+            s.max_tokens
+            if s.ignore_eos
+            else draw_output_length(seed, self.cfg.mean_output_tokens, s.max_tokens)
+        )
+        target = max(target, s.min_tokens)
+        self._active[rid] = _Active(sender, params, n_prompt, TokenStream(seed), time.monotonic())
+        try:
+            self.engine.add(
+                EngineRequest(rid, n_prompt, s.max_tokens, target, params.priority, self._now()),
+                self._now(),
+            )
+        except ValueError as e:
+            del self._active[rid]
+            send_error(sender, f"{self.name}: text_input: {e}", "invalid")
+            return
+        if self._wake is not None:
+            self._wake.set()
+
+    def _drain(self) -> None:
+        for rid, act in list(self._active.items()):
+            self.engine.abort(rid, self._now())
+            send_error(
+                act.sender,
+                f"{self.name}: model unloaded while the request was running",
+                "unavailable",
+            )
+        self._active.clear()
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        self._wake = asyncio.Event()
+        while not self._closing:
+            nxt = self.engine.next_event_s()
+            if nxt is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay = (nxt - self._now()) * self.cfg.time_scale
+            if delay > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                    continue  # an arrival may have started an iteration earlier
+                except asyncio.TimeoutError:
+                    pass
+            try:
+                self._deliver(self.engine.advance(self._now()))
+                self._check_cancelled()
+                self.metrics.set_load(self.engine.num_running, self.engine.num_waiting)
+            except Exception as e:  # noqa: BLE001 - keep the engine alive; fail only what broke
+                self.logger.log_error(f"{self.name}: engine step failed: {e!r}")
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            act = self._active.get(ev.request_id)
+            if act is None:
+                continue
+            tok = act.stream.next()
+            act.tokens.append(tok)
+            if act.first_token_wall is None:
+                act.first_token_wall = time.monotonic()
+            if act.params.stream:
+                self._send(act, [tok], ev.finished, ev.finish_reason, 1)
+            elif ev.finished:
+                self._send(act, act.tokens, True, ev.finish_reason, len(act.tokens))
+            if ev.finished:
+                del self._active[ev.request_id]
+                now = time.monotonic()
+                ttft = act.first_token_wall - act.start_wall
+                self.metrics.observe_request(
+                    act.prompt_tokens, len(act.tokens), ttft, now - act.start_wall
+                )
+                self.metrics.finished(ev.finish_reason or "stop")
+
+    def _send(
+        self, act: _Active, toks: list[SynthToken], final: bool, reason: str | None, n_new: int
+    ) -> None:
+        text = "".join(t.text for t in toks)
+        if final and not act.params.stream and act.params.prepend_input:
+            text = act.params.prompt + text
+        arrays = output_arrays(
+            act.params.returns,
+            text,
+            reason,
+            sum(t.logprob for t in act.tokens),
+            logprobs_json(toks),
+            act.prompt_tokens,
+            n_new,
+        )
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        try:
+            act.sender.send(make_response(arrays), flags=flags)
+        except Exception as e:  # noqa: BLE001 - the client is gone: stop its work
+            self.logger.log_warn(f"{self.name}: send failed ({e!r}); aborting the request")
+            for rid, a in list(self._active.items()):
+                if a is act:
+                    self.engine.abort(rid, self._now())
+                    del self._active[rid]
+                    self.metrics.finished("abort")
+
+    def _check_cancelled(self) -> None:
+        # One IPC per request per step: cheap next to a step, and how vllm_backend polls too.
+        for rid, act in list(self._active.items()):
+            if act.sender.is_cancelled():
+                self.engine.abort(rid, self._now())
+                del self._active[rid]
+                self.metrics.finished("abort")
+                send_error(act.sender, "Request was cancelled", "cancelled")
+                self.logger.log_info(f"{self.name}: request {rid} cancelled by the client")

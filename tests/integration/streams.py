@@ -1,0 +1,129 @@
+"""Client-side helpers for integration tests: real tritonclient gRPC streams and HTTP SSE."""
+
+from __future__ import annotations
+
+import json
+import queue
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+BOOL_FIELDS = {
+    "stream",
+    "exclude_input_in_output",
+    "return_finish_reason",
+    "return_cumulative_logprob",
+    "return_logprobs",
+    "return_num_input_tokens",
+    "return_num_output_tokens",
+}
+
+
+def make_inputs(fields: dict[str, Any]) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, value in fields.items():
+        if name in BOOL_FIELDS:
+            arr = np.array([bool(value)], dtype=bool)
+            dtype = "BOOL"
+        elif isinstance(value, bool):
+            arr, dtype = np.array([value], dtype=bool), "BOOL"
+        elif isinstance(value, int):
+            arr, dtype = np.array([value], dtype=np.int32), "INT32"
+        elif isinstance(value, float):
+            arr, dtype = np.array([value], dtype=np.float64), "FP64"
+        else:
+            raw = value if isinstance(value, bytes) else str(value).encode()
+            arr, dtype = np.array([raw], dtype=np.object_), "BYTES"
+        inp = grpcclient.InferInput(name, list(arr.shape), dtype)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    return inputs
+
+
+@dataclass
+class StreamResult:
+    responses: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(r.get("text_output", "") for r in self.responses)
+
+
+def _decode(result: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    resp = result.get_response()
+    for o in resp.outputs:
+        arr = result.as_numpy(o.name)
+        if arr is None:
+            continue
+        if arr.dtype == np.object_:
+            out[o.name] = b"".join(arr.reshape(-1)).decode()
+        else:
+            out[o.name] = arr.reshape(-1).tolist()
+    return out
+
+
+def grpc_stream(
+    url: str,
+    model: str,
+    fields: dict[str, Any],
+    timeout_s: float = 60.0,
+    parameters: dict | None = None,
+) -> StreamResult:
+    """One request over a gRPC stream; collects every response until the FINAL flag or an error."""
+    q: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    res = StreamResult()
+    try:
+        client.start_stream(callback=lambda result, error: q.put((result, error)))
+        client.async_stream_infer(
+            model, make_inputs(fields), enable_empty_final_response=True, parameters=parameters
+        )
+        while True:
+            result, error = q.get(timeout=timeout_s)
+            if error is not None:
+                res.error = str(error)
+                break
+            params = result.get_response().parameters
+            final = "triton_final_response" in params and params["triton_final_response"].bool_param
+            decoded = _decode(result)
+            if decoded:
+                res.responses.append(decoded)
+            if final:
+                break
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    return res
+
+
+def http_post(url: str, path: str, body: bytes | dict, timeout_s: float = 60.0) -> tuple[int, str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{url}{path}", data=data, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def sse_events(body: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")
+    ]
+
+
+def metric_value(metrics_text: str, name: str, **labels: str) -> float | None:
+    """The value of one Prometheus sample whose labels include `labels`."""
+    for line in metrics_text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return None
