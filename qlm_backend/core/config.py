@@ -1,0 +1,76 @@
+"""Tunables of the queue manager, planner and LSOs, with the reason for each default."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OutputPrior:
+    """Prior output-length distribution for a (model, class) before anything is observed."""
+
+    mean_tokens: float = 256.0
+    std_tokens: float = 256.0
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    # --- grouping -------------------------------------------------------------------------
+    # Requests whose deadlines fall in the same window share a group; 5 s keeps interactive groups
+    # tight (20 s SLO) while a burst of batch work still collapses into few groups.
+    group_window_s: float = 5.0
+    # Groups split past this size so one group can be spread over several instances.
+    group_max_size: int = 64
+    # --- replanning -----------------------------------------------------------------------
+    replan_interval_s: float = 1.0  # timer: full replan at least this often while work is queued
+    arrival_batch: int = 32  # full replan once this many arrivals are unplanned ...
+    arrival_batch_s: float = 0.05  # ... or the oldest unplanned arrival is this old
+    # --- planner --------------------------------------------------------------------------
+    plan_budget_s: float = 0.050  # wall budget for the LP path (DESIGN.md: 50 ms default)
+    candidates_per_group: int = 4  # prune each group to its k best instances
+    lp_max_cols: int = 40_000  # above this the LP is not tried (too big for the budget)
+    pulp_max_cols: int = (
+        1_500  # up to this many columns formulate with PuLP (readable), else highspy
+    )
+    # Predicted HiGHS cost per nonzero, used to skip an LP that cannot finish inside the budget
+    # (DESIGN.md section 7: ~11 ms solve + 4 ms build for 6,400 columns, about 4 nonzeros each).
+    lp_s_per_nonzero: float = 6e-7
+    time_buckets: int = 4  # finite time buckets per instance in the assignment LP
+    # --- estimator ------------------------------------------------------------------------
+    ewma_alpha: float = 0.05  # weight of one observation in the online statistics
+    default_prior: OutputPrior = field(default_factory=OutputPrior)
+    priors: Mapping[tuple[str, str], OutputPrior] = field(default_factory=dict)  # (model, class)
+    # Relative floor on the first-token time's standard deviation: the CLT sum shrinks the spread of
+    # long queues, but throughput itself is only known to ~10%.
+    rel_std_floor: float = 0.10
+    # --- LSOs -----------------------------------------------------------------------------
+    evict_p_threshold: float = 0.5  # evict for a queued request whose P(meet) falls below this ...
+    evict_gain_min: float = 0.2  # ... only if eviction raises its P(meet) by at least this
+    evict_cooldown_s: float = 2.0  # per instance: no new eviction within this time (anti-thrash)
+    max_evictions_per_request: int = 2
+    # A swap away from a model with queued work happens only if the plan that swaps beats the one
+    # that keeps the incumbent by this many weighted violations (hysteresis, DESIGN.md section 8:
+    # 5 models on 3 slots thrashed 692 times without it).
+    swap_hysteresis: float = 1.0
+    min_resident_s: float = 10.0  # a freshly loaded model stays at least this long if it has work
+    warm_slots_per_host: int = 2
+    shed_p_threshold: float = 0.02  # reject a sheddable request whose best P(meet) is below this
+    decisions_kept: int = 1000  # decision records kept for inspection
+
+    def with_(self, **kw: Any) -> ManagerConfig:
+        return replace(self, **kw)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ManagerConfig:
+        known = {f.name for f in fields(cls)} - {"priors", "default_prior"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(
+                f"manager config: unknown key(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**dict(d))
+
+
+__all__ = ["ManagerConfig", "OutputPrior"]

@@ -1,0 +1,365 @@
+"""RWT (request waiting time) estimator: when will a group at position k of a virtual queue get its
+first token, and with what probability does that meet its deadline?
+
+Model (QLM paper, section on the RWT estimator, made concrete for continuous batching):
+- An instance running model m keeps up to B requests in its engine (B = the pull bound, capped by the
+  engine's sequence limit and by how many average contexts fit in its KV cache). One decode step at
+  batch B takes `step_s` (PerfModel roofline x a learnt correction), so an output token costs the
+  instance `step_s / B` seconds and a request with O output tokens costs `O * step_s / B`, plus the
+  part of its prefill iteration that stalls the batch.
+- A queued request starts when a slot frees: with k requests ahead (in flight or queued before it)
+  and k >= B, after the work ahead W minus what the other B-1 slots still hold at that moment
+  (B-1 renewal residuals, w(1+cv^2)/2 each). Its first token follows one prefill later.
+- O is random: per (model, class) a mean and variance (EWMA-learnt from observed outputs, starting
+  from configured priors). W is a sum over many requests, so by the Central Limit Theorem it is
+  near-normal with the summed mean and variance; P(meet) = Phi((deadline - t_ft) / sigma).
+- A model change on the queue drains the instance and adds the load time (warm from host memory, or
+  cold from disk: PerfModel.load_s).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from qlm_backend.core.config import ManagerConfig
+from qlm_backend.core.fleet import InstanceSpec
+from qlm_backend.core.request import RequestState
+from qlm_backend.core.slo import SloClass
+from qlm_backend.engine.perf import PerfModel
+
+if TYPE_CHECKING:
+    from qlm_backend.core.instances import InstanceState
+    from qlm_backend.core.policies.base import PlanContext, QueueEntry
+
+ENGINE_MAX_SEQS = 256  # vLLM's default max_num_seqs: the batch bound of an unbounded (push) policy
+DEFAULT_PROMPT_TOKENS = 512.0
+_SQRT2 = math.sqrt(2.0)
+
+
+def normal_cdf(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / _SQRT2))
+
+
+class Ewma:
+    """Exponentially weighted mean and variance, seeded with a prior."""
+
+    __slots__ = ("mean", "var", "n")
+
+    def __init__(self, mean: float, var: float) -> None:
+        self.mean, self.var, self.n = mean, var, 0
+
+    def update(self, x: float, alpha: float) -> None:
+        diff = x - self.mean
+        incr = alpha * diff
+        self.mean += incr
+        self.var = (1.0 - alpha) * (self.var + diff * incr)
+        self.n += 1
+
+
+@dataclass(frozen=True)
+class ServiceProfile:
+    """How an instance serves one model, at the batch size it is expected to run."""
+
+    model: str
+    batch: int
+    step_s: float  # one decode step at `batch` (learnt correction applied)
+    prefill_first_s: float  # from slot to first token: half a step in progress + own prefill
+    prefill_stall_s: float  # instance time one prefill takes from the running batch
+    load_warm_s: float
+    load_cold_s: float
+
+    @property
+    def token_cost_s(self) -> float:
+        """Instance-seconds per output token (a step serves `batch` tokens)."""
+        return self.step_s / self.batch
+
+
+@dataclass(frozen=True)
+class GroupForecast:
+    group_id: str
+    n: int
+    start_mean_s: float  # absolute time its first request gets a slot
+    first_token_mean_s: float  # absolute time of its first request's first token
+    last_first_token_mean_s: float  # ... of its last request's
+    std_s: float
+    p_meet: float  # mean over its requests of P(first token by deadline)
+    expected_violations: float  # weighted: weight x n x (1 - p_meet)
+    swap_before: bool  # a model swap precedes it on this queue
+
+
+class RwtEstimator:
+    def __init__(self, classes: Mapping[str, SloClass], config: ManagerConfig) -> None:
+        self.classes = classes
+        self.config = config
+        self._out: dict[tuple[str, str], Ewma] = {}
+        self._prompt: dict[str, Ewma] = {}
+        self._corr: dict[tuple[str, str, int], Ewma] = {}  # observed / predicted decode step
+        self._perf: dict[tuple[str, str, int], PerfModel | None] = {}
+        self._profiles: dict[tuple[str, str, int, int], ServiceProfile] = {}
+
+    # ------------------------------------------------------------------ statistics
+    def output_stats(self, model: str, slo_class: str) -> tuple[float, float]:
+        e = self._out.get((model, slo_class))
+        if e is None:
+            p = self.config.priors.get((model, slo_class), self.config.default_prior)
+            return p.mean_tokens, p.std_tokens**2
+        return e.mean, e.var
+
+    def observe_output(self, model: str, slo_class: str, tokens: int) -> None:
+        key = (model, slo_class)
+        e = self._out.get(key)
+        if e is None:
+            m, v = self.output_stats(model, slo_class)
+            e = self._out[key] = Ewma(m, v)
+        e.update(float(tokens), self.config.ewma_alpha)
+        self._invalidate(model)
+
+    def prompt_mean(self, model: str) -> float:
+        e = self._prompt.get(model)
+        return e.mean if e is not None else DEFAULT_PROMPT_TOKENS
+
+    def observe_prompt(self, model: str, tokens: int) -> None:
+        e = self._prompt.get(model)
+        if e is None:
+            self._prompt[model] = e = Ewma(float(tokens), 0.0)
+        else:
+            e.update(float(tokens), self.config.ewma_alpha)
+        # Prompt drift changes profiles only slowly; refresh them every 64 observations.
+        if e.n % 64 == 0:
+            self._invalidate(model)
+
+    def observe_step(
+        self, model: str, spec: InstanceSpec, step_s: float, batch: int, context_tokens: int
+    ) -> None:
+        """An observed decode step time at a batch size: learns the roofline's correction."""
+        perf = self.perf(model, spec)
+        if perf is None or step_s <= 0 or batch <= 0:
+            return
+        predicted = perf.decode_step_s(batch, context_tokens)
+        key = (model, spec.gpu, spec.tp)
+        e = self._corr.setdefault(key, Ewma(1.0, 0.0))
+        e.update(step_s / predicted, self.config.ewma_alpha)
+        self._invalidate(model)
+
+    def observe_finished(
+        self, st: RequestState, output_tokens: int, inst: InstanceState, now: float
+    ) -> None:
+        """A finished request teaches the output length of its (model, class) and, from its
+        token cadence, the decode step time at the batch its instance ran."""
+        r = st.req
+        self.observe_output(r.model, r.slo_class, output_tokens)
+        if st.first_token_s is None or st.evictions or output_tokens < 8:
+            return
+        step = (now - st.first_token_s) / (output_tokens - 1)
+        batch = max(1, len(inst.in_flight) + 1)
+        ctx = int(batch * (self.prompt_mean(r.model) + output_tokens / 2))
+        self.observe_step(r.model, inst.spec, step, batch, ctx)
+
+    def _invalidate(self, model: str) -> None:
+        for k in [k for k in self._profiles if k[0] == model]:
+            del self._profiles[k]
+
+    # ------------------------------------------------------------------ service model
+    def perf(self, model: str, spec: InstanceSpec) -> PerfModel | None:
+        key = (model, spec.gpu, spec.tp)
+        if key not in self._perf:
+            try:
+                self._perf[key] = PerfModel.from_names(model, spec.gpu, spec.tp)
+            except ValueError:
+                self._perf[key] = None  # does not fit: the instance cannot serve this model
+        return self._perf[key]
+
+    def can_serve(self, model: str, spec: InstanceSpec) -> bool:
+        return model in spec.models_allowed and self.perf(model, spec) is not None
+
+    def profile(self, model: str, spec: InstanceSpec, bound: int | None = None) -> ServiceProfile:
+        bound = spec.max_in_flight if bound is None else bound
+        key = (model, spec.gpu, spec.tp, bound)
+        prof = self._profiles.get(key)
+        if prof is not None:
+            return prof
+        perf = self.perf(model, spec)
+        if perf is None:
+            raise ValueError(f"model {model} does not fit on instance {spec.instance_id}")
+        prompt = self.prompt_mean(model)
+        outs = [self.output_stats(m, c)[0] for (m, c) in self._out if m == model]
+        out = sum(outs) / len(outs) if outs else self.config.default_prior.mean_tokens
+        # The batch a busy instance runs: the pull bound, the engine's sequence cap, and how many
+        # average full contexts its KV cache holds (beyond that vLLM preempts).
+        kv_fit = max(1, int(perf.kv_capacity_tokens // max(1.0, prompt + out)))
+        batch = max(1, min(bound, ENGINE_MAX_SEQS, kv_fit))
+        corr = self._corr.get((model, spec.gpu, spec.tp))
+        c = corr.mean if corr is not None else 1.0
+        step = perf.decode_step_s(batch, int(batch * (prompt + out / 2))) * c
+        pre = perf.prefill_s(int(prompt)) * c
+        # A prefill rides in one iteration with the decodes: what it adds beyond a decode step.
+        stall = max(0.0, pre - perf.decode_step_s(1, 0) * c)
+        prof = ServiceProfile(
+            model=model,
+            batch=batch,
+            step_s=step,
+            prefill_first_s=0.5 * step + pre,
+            prefill_stall_s=stall,
+            load_warm_s=perf.load_s(warm=True),
+            load_cold_s=perf.load_s(warm=False),
+        )
+        self._profiles[key] = prof
+        return prof
+
+    def request_work(
+        self, st: RequestState, prof: ServiceProfile, *, oracle: bool = False
+    ) -> tuple[float, float]:
+        """Instance-seconds (mean, variance) a queued request will take, resumption included."""
+        r = st.req
+        if oracle and r.true_output_tokens is not None:
+            mean_o, var_o = float(max(1, r.true_output_tokens - st.tokens_done)), 0.0
+        else:
+            m, v = self.output_stats(r.model, r.slo_class)
+            mean_o = min(float(r.max_tokens), max(1.0, m - st.tokens_done, 0.25 * m))
+            var_o = v
+        c = prof.token_cost_s
+        return mean_o * c + prof.prefill_stall_s, var_o * c * c
+
+    def group_work(
+        self, model: str, slo_class: str, n: int, prof: ServiceProfile
+    ) -> tuple[float, float]:
+        """(mean, variance) of the instance-seconds of n fresh requests of a (model, class)."""
+        m, v = self.output_stats(model, slo_class)
+        c = prof.token_cost_s
+        return n * (m * c + prof.prefill_stall_s), n * v * c * c
+
+    def inflight_backlog(
+        self,
+        inst: InstanceState,
+        requests: Mapping[str, RequestState],
+        prof: ServiceProfile,
+        now: float,
+        *,
+        oracle: bool = False,
+    ) -> tuple[int, float, float]:
+        """(count, mean, variance) of the instance-seconds still owed to in-flight requests."""
+        w = v = 0.0
+        c = prof.token_cost_s
+        for rid in inst.in_flight:
+            st = requests[rid]
+            r = st.req
+            done = float(st.tokens_done)
+            if st.first_token_s is not None and prof.step_s > 0:
+                done = max(done, (now - st.first_token_s) / prof.step_s)
+            if oracle and r.true_output_tokens is not None:
+                rem, var_o = max(1.0, r.true_output_tokens - done), 0.0
+            else:
+                m, var_o = self.output_stats(r.model, r.slo_class)
+                # Memory of a long-tailed length: past the mean, a quarter of the mean is left.
+                rem = min(max(1.0, r.max_tokens - done), max(m - done, 0.25 * m))
+            w += rem * c + (prof.prefill_stall_s if st.first_token_s is None else 0.0)
+            v += var_o * c * c
+        return len(inst.in_flight), w, v
+
+    def load_s(self, model: str, spec: InstanceSpec, warm: bool) -> float:
+        p = self.profile(model, spec)
+        return p.load_warm_s if warm else p.load_cold_s
+
+    # ------------------------------------------------------------------ queue forecast
+    def forecast_queue(
+        self,
+        inst: InstanceState,
+        entries: Sequence[QueueEntry],
+        ctx: PlanContext,
+        now: float,
+        *,
+        oracle: bool = False,
+        bound: int | None = None,
+    ) -> list[GroupForecast]:
+        """Forecast every entry of an instance's virtual queue, in order."""
+        spec = inst.spec
+        out: list[GroupForecast] = []
+        if not inst.healthy:
+            for e in entries:
+                g = ctx.groups.groups.get(e.group_id)
+                w = ctx.classes[g.slo_class].weight if g is not None else 1.0
+                n = len(e.request_ids)
+                out.append(
+                    GroupForecast(
+                        e.group_id, n, math.inf, math.inf, math.inf, 0.0, 0.0, w * n, False
+                    )
+                )
+            return out
+        cursor = now
+        seg_model = inst.model
+        k_ahead, work, var = 0, 0.0, 0.0
+        if inst.loading is not None:
+            seg_model = inst.loading
+            cursor = max(now, inst.ready_s)
+        elif inst.model is not None:
+            prof = self.profile(inst.model, spec, bound)
+            k_ahead, work, var = self.inflight_backlog(inst, ctx.requests, prof, now, oracle=oracle)
+        floor = self.config.rel_std_floor
+        for e in entries:
+            rids = e.request_ids
+            n = len(rids)
+            if n == 0:
+                continue
+            st0 = ctx.requests[rids[0]]
+            model, cls = st0.req.model, ctx.classes[st0.req.slo_class]
+            swap = model != seg_model
+            if swap:
+                warm = ctx.warm.is_warm(spec.host, model)
+                cursor += work + self.load_s(model, spec, warm)
+                work, k_ahead, seg_model = 0.0, 0, model
+            prof = self.profile(model, spec, bound)
+            b = prof.batch
+            works = [self.request_work(ctx.requests[r], prof, oracle=oracle) for r in rids]
+            w_mean = sum(x[0] for x in works) / n
+            w_var = sum(x[1] for x in works) / n
+            cv2 = w_var / (w_mean * w_mean) if w_mean > 0 else 0.0
+            residual = 0.5 * w_mean * (1.0 + cv2)
+            probe = sorted({0, (n - 1) // 2, n - 1})
+            ps: list[float] = []
+            fts: list[float] = []
+            std0 = 0.0
+            cum_w, cum_v = 0.0, 0.0
+            j_prev = 0
+            for j in probe:
+                for r in range(j_prev, j):
+                    cum_w += works[r][0]
+                    cum_v += works[r][1]
+                j_prev = j
+                k = k_ahead + j
+                wj = work + cum_w
+                start = cursor if k < b else cursor + max(0.0, wj - (b - 1) * residual)
+                ft = start + prof.prefill_first_s
+                std = math.sqrt(var + cum_v + (floor * (ft - now)) ** 2 + 1e-9)
+                dl = ctx.requests[rids[j]].req.deadline_s
+                ps.append(normal_cdf((dl - ft) / std))
+                fts.append(ft)
+                if j == 0:
+                    std0 = std
+            if len(ps) == 3:
+                p = (ps[0] + 4 * ps[1] + ps[2]) / 6
+            else:
+                p = sum(ps) / len(ps)
+            start0 = fts[0] - prof.prefill_first_s
+            out.append(
+                GroupForecast(
+                    e.group_id,
+                    n,
+                    start0,
+                    fts[0],
+                    fts[-1],
+                    std0,
+                    p,
+                    cls.weight * n * (1.0 - p),
+                    swap,
+                )
+            )
+            work += sum(x[0] for x in works)
+            var += sum(x[1] for x in works)
+            k_ahead += n
+        return out
+
+
+__all__ = ["Ewma", "GroupForecast", "RwtEstimator", "ServiceProfile", "normal_cdf"]

@@ -1,0 +1,118 @@
+"""Request groups: queued requests of one model and SLO class whose deadlines fall in one window.
+
+The planner decides per group, not per request, which keeps the LP small (DESIGN.md section 1). A
+group holds only QUEUED requests, kept in deadline order; it splits into a new part when it grows past
+`max_size`, so one burst can be spread over several instances. Group ids are stable while the group
+lives: `model/class/window/part`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from qlm_backend.core.request import Request
+
+
+@dataclass
+class RequestGroup:
+    group_id: str
+    model: str
+    slo_class: str
+    window: int  # floor(deadline_s / window_s)
+    # (deadline_s, arrival_s, request_id) sorted: EDF inside the group, FCFS on ties.
+    _keys: list[tuple[float, float, str]] = field(default_factory=list)
+    prompt_tokens_sum: int = 0
+    _prompt: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [k[2] for k in self._keys]
+
+    @property
+    def deadline_s(self) -> float:
+        """Earliest deadline in the group (what the planner must meet first)."""
+        return self._keys[0][0] if self._keys else math.inf
+
+    @property
+    def last_deadline_s(self) -> float:
+        return self._keys[-1][0] if self._keys else math.inf
+
+    @property
+    def first_arrival_s(self) -> float:
+        return min((k[1] for k in self._keys), default=math.inf)
+
+    @property
+    def mean_prompt_tokens(self) -> float:
+        return self.prompt_tokens_sum / len(self._keys) if self._keys else 0.0
+
+    def add(self, req: Request) -> None:
+        bisect.insort(self._keys, (req.deadline_s, req.arrival_s, req.request_id))
+        self._prompt[req.request_id] = req.prompt_tokens
+        self.prompt_tokens_sum += req.prompt_tokens
+
+    def remove(self, req: Request) -> None:
+        key = (req.deadline_s, req.arrival_s, req.request_id)
+        i = bisect.bisect_left(self._keys, key)
+        if i >= len(self._keys) or self._keys[i] != key:
+            raise KeyError(req.request_id)
+        del self._keys[i]
+        self.prompt_tokens_sum -= self._prompt.pop(req.request_id)
+
+
+class GroupIndex:
+    """All live groups, keyed by id; finds or opens the group a request belongs to."""
+
+    def __init__(self, window_s: float, max_size: int) -> None:
+        if window_s <= 0:
+            raise ValueError("group window must be > 0")
+        if max_size < 1:
+            raise ValueError("group max size must be >= 1")
+        self.window_s = window_s
+        self.max_size = max_size
+        self.groups: dict[str, RequestGroup] = {}
+        # (model, class, window) -> ids of its parts, oldest first; the last part takes new requests.
+        self._parts: dict[tuple[str, str, int], list[str]] = {}
+        self._next_part: dict[tuple[str, str, int], int] = {}
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self) -> Iterator[RequestGroup]:
+        return iter(self.groups.values())
+
+    def add(self, req: Request) -> RequestGroup:
+        window = math.floor(req.deadline_s / self.window_s)
+        key = (req.model, req.slo_class, window)
+        parts = self._parts.setdefault(key, [])
+        if parts and len(self.groups[parts[-1]]) < self.max_size:
+            g = self.groups[parts[-1]]
+        else:
+            n = self._next_part.get(key, 0)
+            self._next_part[key] = n + 1
+            gid = f"{req.model}/{req.slo_class}/{window}/{n}"
+            g = RequestGroup(gid, req.model, req.slo_class, window)
+            self.groups[gid] = g
+            parts.append(gid)
+        g.add(req)
+        return g
+
+    def remove(self, group_id: str, req: Request) -> None:
+        g = self.groups[group_id]
+        g.remove(req)
+        if not len(g):
+            del self.groups[group_id]
+            key = (g.model, g.slo_class, g.window)
+            parts = self._parts[key]
+            parts.remove(group_id)
+            if not parts:
+                del self._parts[key]
+                # Keep _next_part so a reopened window never reuses an id seen by a caller.
+
+
+__all__ = ["GroupIndex", "RequestGroup"]

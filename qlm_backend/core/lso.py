@@ -1,0 +1,179 @@
+"""The LSO executor: turns a policy's Plan into actions, keeping the invariants for every policy.
+
+- Pulling (late binding): an instance takes requests from the head of its virtual queue only while
+  its in-flight count is under its bound (bounded policies) and only of the model it runs; the rest
+  stays in the router where the planner can still move it.
+- Model swapping: when the head of a queue needs another model, the instance stops pulling, drains,
+  and only then gets a SwapModel (so it never holds two models' requests at once). Whether a swap is
+  worth it (hysteresis) is the policy's call when it orders the queue.
+- Warm start: the model swapped out is kept in host memory (KeepWarm), releasing the least recently
+  used one past the host's slots (Release).
+- Eviction: the policy names requests; here the resume mode is chosen (KV swap when copying the KV
+  cache out and back is cheaper than recomputing the prefill) and the per-request cap enforced.
+- Load balancing shows as Rebalance notices when a group's instance changed between plans.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from qlm_backend.core.actions import (
+    Action,
+    Evict,
+    KeepWarm,
+    Pull,
+    Rebalance,
+    Release,
+    ResumeMode,
+    SwapModel,
+)
+from qlm_backend.core.policies.base import Plan, PlanContext, PolicyTraits, QueueEntry
+from qlm_backend.core.request import RequestState, Status
+
+# vLLM's default CPU swap space per GPU (swap_space=4 GiB): larger KV caches must be recomputed.
+SWAP_SPACE_BYTES = 4 * 1024**3
+
+
+def choose_resume(st: RequestState, iid: str, ctx: PlanContext, now: float) -> ResumeMode:
+    """KV swap if copying the KV out and back over PCIe beats recomputing the prefill."""
+    inst = ctx.instances[iid]
+    model = st.req.model
+    perf = ctx.estimator.perf(model, inst.spec)
+    if perf is None:
+        return "recompute"
+    done = st.tokens_done
+    if st.first_token_s is not None:
+        step = ctx.estimator.profile(model, inst.spec).step_s
+        done = max(done, int((now - st.first_token_s) / max(step, 1e-6)))
+    tokens = st.req.prompt_tokens + done
+    if tokens * perf.kv_bytes_per_token > SWAP_SPACE_BYTES:
+        return "recompute"
+    swap_s = 2.0 * perf.kv_swap_s(tokens)
+    recompute_s = perf.prefill_s(tokens)
+    return "swap" if swap_s < recompute_s else "recompute"
+
+
+def _entry_model(e: QueueEntry, requests: Mapping[str, RequestState]) -> str | None:
+    for rid in e.request_ids:
+        st = requests.get(rid)
+        if st is not None:
+            return st.req.model
+    return None
+
+
+def execute_plan(
+    plan: Plan,
+    ctx: PlanContext,
+    traits: PolicyTraits,
+    now: float,
+    previous: Plan | None = None,
+) -> list[Action]:
+    actions: list[Action] = []
+    requests = ctx.requests
+    freed: dict[str, int] = {}
+    evicted: set[str] = set()
+    for rid, reason in plan.evictions:
+        st = requests.get(rid)
+        if st is None or st.status is not Status.IN_FLIGHT or rid in evicted:
+            continue
+        if st.evictions >= ctx.config.max_evictions_per_request:
+            continue
+        iid = st.instance_id
+        assert iid is not None
+        actions.append(Evict(rid, iid, choose_resume(st, iid, ctx, now), reason))
+        evicted.add(rid)
+        freed[iid] = freed.get(iid, 0) + 1
+
+    taken: set[str] = set()
+    warm_local: dict[str, list[str]] = {}
+    slots = ctx.config.warm_slots_per_host
+    for iid, inst in ctx.instances.items():
+        if not inst.healthy and inst.loading is None and inst.model is None:
+            # A failed engine comes back through on_model_loaded; nothing to do meanwhile.
+            continue
+        if inst.loading is not None:
+            continue
+        entries = plan.queues.get(iid, ())
+        head_model = None
+        for e in entries:
+            if any(
+                requests.get(r) is not None
+                and requests[r].status is Status.QUEUED
+                and r not in taken
+                for r in e.request_ids
+            ):
+                head_model = _entry_model(e, requests)
+                break
+        if head_model is None:
+            continue
+        in_flight = len(inst.in_flight) - freed.get(iid, 0)
+        if head_model != inst.model:
+            if in_flight > 0:
+                continue  # drain before the swap: one model per instance at a time
+            if head_model not in inst.spec.models_allowed:
+                continue
+            host = inst.spec.host
+            warm_models = warm_local.setdefault(host, ctx.warm.models(host))
+            warm = head_model in warm_models
+            actions.append(SwapModel(iid, inst.model, head_model, warm))
+            if traits.warm_start and slots > 0:
+                if inst.model is not None:
+                    if inst.model in warm_models:
+                        warm_models.remove(inst.model)
+                    warm_models.append(inst.model)
+                    actions.append(KeepWarm(inst.model, iid))
+                if warm and head_model in warm_models:
+                    warm_models.remove(head_model)
+                    warm_models.append(head_model)  # most recently used
+                while len(warm_models) > slots:
+                    actions.append(Release(warm_models.pop(0), iid))
+            continue
+        bound = inst.spec.max_in_flight if traits.bounded_pull else math.inf
+        room = bound - in_flight
+        for e in entries:
+            if room <= 0:
+                break
+            if _entry_model(e, requests) != inst.model:
+                break  # the swap waits until what runs now drains
+            ids: list[str] = []
+            for rid in e.request_ids:
+                if room - len(ids) <= 0:
+                    break
+                st = requests.get(rid)
+                if st is None or st.status is not Status.QUEUED or rid in taken:
+                    continue
+                ids.append(rid)
+            if ids:
+                prio = ctx.classes[requests[ids[0]].req.slo_class].priority
+                if traits.engine_scheduling != "priority":
+                    prio = 0
+                actions.append(Pull(iid, e.group_id, tuple(ids), prio))
+                taken.update(ids)
+                room -= len(ids)
+
+    if previous is not None:
+        actions.extend(_rebalances(previous, plan))
+    return actions
+
+
+def _rebalances(previous: Plan, plan: Plan) -> list[Rebalance]:
+    """A notice for each group whose first instance changed between two plans."""
+    before: dict[str, str] = {}
+    for iid, entries in previous.queues.items():
+        for e in entries:
+            before.setdefault(e.group_id, iid)
+    out: list[Rebalance] = []
+    seen: set[str] = set()
+    for iid, entries in plan.queues.items():
+        for e in entries:
+            if e.group_id in seen:
+                continue
+            seen.add(e.group_id)
+            old = before.get(e.group_id)
+            if old is not None and old != iid:
+                out.append(Rebalance(e.group_id, old, iid))
+    return out
+
+
+__all__ = ["SWAP_SPACE_BYTES", "choose_resume", "execute_plan"]
