@@ -33,13 +33,13 @@ def models_to_load(repo: Path, fleet_path: Path | None) -> list[str]:
         raise LaunchError(f"fleet config {fleet_path} is not valid JSON: {e}") from None
     names = []
     for i, inst in enumerate(fleet.get("instances", [])):
-        if "id" not in inst:
-            raise LaunchError(f"fleet config {fleet_path}: instances[{i}] has no 'id'")
+        if "instance_id" not in inst:
+            raise LaunchError(f"fleet config {fleet_path}: instances[{i}] has no 'instance_id'")
         if inst.get("server"):  # lives on another Triton server; nothing to load here
             continue
         model = inst.get("initial_model")
         if model:
-            name = engine_model_name(model, inst["id"])
+            name = engine_model_name(model, inst["instance_id"])
             if not (repo / name).is_dir():
                 raise LaunchError(
                     f"fleet config: instances[{i}].initial_model {model!r} has no engine model {name!r} in {repo}"
