@@ -312,22 +312,27 @@ class RwtEstimator:
                 work, k_ahead, seg_model = 0.0, 0, model
             prof = self.profile(model, spec, bound)
             b = prof.batch
-            works = [self.request_work(ctx.requests[r], prof, oracle=oracle) for r in rids]
-            w_mean = sum(x[0] for x in works) / n
-            w_var = sum(x[1] for x in works) / n
+            # Fast path: fresh requests of one (model, class) share one work distribution; only
+            # resumed requests (and the oracle's known lengths) need a per-request sum.
+            works: list[tuple[float, float]] | None = None
+            if oracle or any(ctx.requests[r].tokens_done for r in rids):
+                works = [self.request_work(ctx.requests[r], prof, oracle=oracle) for r in rids]
+                w_mean = sum(x[0] for x in works) / n
+                w_var = sum(x[1] for x in works) / n
+            else:
+                w_mean, w_var = self.group_work(model, cls.name, 1, prof)
             cv2 = w_var / (w_mean * w_mean) if w_mean > 0 else 0.0
             residual = 0.5 * w_mean * (1.0 + cv2)
             probe = sorted({0, (n - 1) // 2, n - 1})
             ps: list[float] = []
             fts: list[float] = []
             std0 = 0.0
-            cum_w, cum_v = 0.0, 0.0
-            j_prev = 0
             for j in probe:
-                for r in range(j_prev, j):
-                    cum_w += works[r][0]
-                    cum_v += works[r][1]
-                j_prev = j
+                if works is None:
+                    cum_w, cum_v = j * w_mean, j * w_var
+                else:
+                    cum_w = sum(x[0] for x in works[:j])
+                    cum_v = sum(x[1] for x in works[:j])
                 k = k_ahead + j
                 wj = work + cum_w
                 start = cursor if k < b else cursor + max(0.0, wj - (b - 1) * residual)
@@ -338,10 +343,7 @@ class RwtEstimator:
                 fts.append(ft)
                 if j == 0:
                     std0 = std
-            if len(ps) == 3:
-                p = (ps[0] + 4 * ps[1] + ps[2]) / 6
-            else:
-                p = sum(ps) / len(ps)
+            p = (ps[0] + 4 * ps[1] + ps[2]) / 6 if len(ps) == 3 else sum(ps) / len(ps)
             start0 = fts[0] - prof.prefill_first_s
             out.append(
                 GroupForecast(
@@ -356,8 +358,8 @@ class RwtEstimator:
                     swap,
                 )
             )
-            work += sum(x[0] for x in works)
-            var += sum(x[1] for x in works)
+            work += n * w_mean
+            var += n * w_var
             k_ahead += n
         return out
 

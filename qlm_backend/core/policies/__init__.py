@@ -22,7 +22,7 @@ assert set(_FACTORIES) == set(get_args(PolicyName))
 
 def _load(name: str) -> Callable[..., Policy]:
     mod, _, attr = _FACTORIES[name].partition(":")
-    return getattr(importlib.import_module(mod), attr)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(mod), attr)
 
 
 class _Registry(dict[str, Callable[..., Policy]]):

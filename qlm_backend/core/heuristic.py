@@ -1,0 +1,69 @@
+"""Fallback planner: swap-aware earliest-deadline-first with slack ordering.
+
+Groups are taken in deadline order (lost causes, whose deadline is already past, last); each goes to
+the candidate instance where it starts earliest, counting a model swap only the first time a model
+is added to an instance's queue, and preferring an instance where it still meets its deadline. A
+group that would meet its deadline only in part is split: the part that fits stays, the rest tries
+the next candidate (load balancing a burst over several instances). O(G k), no solver.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qlm_backend.core.problem import Problem
+
+Assignment = list[tuple[int, int, int]]  # (group index, instance index, number of requests)
+
+
+def swap_aware_edf(p: Problem) -> Assignment:
+    G, k = p.cand.shape
+    cursor = p.base_s.copy()
+    models_on: list[set[str]] = [{c} if c is not None else set() for c in p.current]
+    lost = p.slack_s < p.prefill_s[:, 0]
+    order = np.lexsort((-p.weight, p.slack_s, lost))
+    out: Assignment = []
+    cand, work, swap, pre, slack = p.cand, p.work_s, p.swap_s, p.prefill_s, p.slack_s
+    for g in order.tolist():
+        remaining = int(p.n[g])
+        if remaining == 0 or cand[g, 0] < 0:
+            continue
+        model = p.group_models[g]
+        used: set[int] = set()
+        while remaining > 0:
+            best_c, best_key = -1, (True, math.inf)
+            for c in range(k):
+                i = int(cand[g, c])
+                if i < 0:
+                    break
+                if i in used:
+                    continue
+                start = cursor[i] + (0.0 if model in models_on[i] else swap[g, c])
+                miss = bool(start + pre[g, c] > slack[g])
+                key = (miss, start + work[g, c] * remaining / p.n[g])
+                if key < best_key:
+                    best_c, best_key = c, key
+            if best_c < 0:
+                break
+            i = int(cand[g, best_c])
+            per = work[g, best_c] / p.n[g]
+            start = cursor[i] + (0.0 if model in models_on[i] else swap[g, best_c])
+            take = remaining
+            if not best_key[0] and per > 0 and len(used) + 1 < k:
+                fit = int((slack[g] - pre[g, best_c] - start) / per) + 1
+                take = max(1, min(remaining, fit))
+            out.append((g, i, take))
+            cursor[i] = start + per * take
+            models_on[i].add(model)
+            used.add(i)
+            remaining -= take
+        if remaining > 0:
+            # Every candidate used: the rest goes with the first placement.
+            g0, i0, t0 = out[-1]
+            out[-1] = (g0, i0, t0 + remaining)
+    return out
+
+
+__all__ = ["Assignment", "swap_aware_edf"]

@@ -1,0 +1,377 @@
+"""The assignment LP: groups to instances over time buckets, minimising expected weighted SLO
+violations with model-swap cost, solved by HiGHS.
+
+Variables: x[g,c,b] = share of group g served on its candidate c within time bucket b (b < B: finite
+buckets ending at E_b seconds from now; b = B: overflow, i.e. late); y[i,m] = instance i switches to
+model m (relaxed to [0, 1]).
+Objective: sum x * cost + swap_penalty * y, where cost[g,c,b] = weight_g * n_g * P(miss | first token
+by the middle of bucket b plus prefill) from a normal with a relative spread (the CLT view of the
+estimator); overflow costs weight_g * n_g (a certain miss).
+Rows: every group fully served (sum x = 1); EDF capacity per instance and finite bucket (work put in
+buckets <= b, plus the instance's base load and the swaps it takes, fits before E_b); a swap before
+serving another model (sum_b x[g,c,b] <= y[i,m_g]) and at most one swap per instance in the horizon.
+
+Small models are formulated in PuLP (readable, exportable) and solved with its HiGHS API; larger ones
+are built directly with highspy's matrix API: DESIGN.md section 7 measured PuLP's build as the
+bottleneck (32 ms at 1,600 columns vs 2 ms with highspy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+from dataclasses import dataclass
+
+import numpy as np
+
+from qlm_backend.core.heuristic import Assignment
+from qlm_backend.core.problem import Problem
+
+SOLVER_OK = "optimal"
+
+
+@dataclass(frozen=True)
+class LpResult:
+    status: str  # "optimal", "time limit", "infeasible", ...
+    assignment: Assignment
+    cols: int
+    rows: int
+    build_s: float
+    solve_s: float
+    formulation: str  # "highspy" or "pulp"
+    objective: float = math.nan
+
+
+@dataclass
+class LpModel:
+    """The LP in matrix form (rows as CSR), so one build serves highspy and PuLP alike."""
+
+    cost: np.ndarray
+    col_ub: np.ndarray
+    row_lo: np.ndarray
+    row_hi: np.ndarray
+    starts: np.ndarray
+    index: np.ndarray
+    value: np.ndarray
+    n_x: int  # the first n_x columns are x[g,c,b], laid out ((g*k)+c)*(B+1)+b
+
+    @property
+    def cols(self) -> int:
+        return len(self.cost)
+
+    @property
+    def rows(self) -> int:
+        return len(self.row_lo)
+
+
+def bucket_ends(p: Problem, buckets: int) -> np.ndarray:
+    """Finite bucket ends (seconds from now): quantiles of the groups' slacks, so buckets fall
+    where deadlines are."""
+    s = p.slack_s[p.slack_s > 0]
+    if len(s) == 0:
+        return np.array([1.0])
+    qs = np.quantile(s, np.linspace(0, 1, buckets + 1)[1:])
+    ends = np.unique(np.maximum(qs, 1.0))
+    return ends
+
+
+def estimate_size(p: Problem, buckets: int) -> tuple[int, int]:
+    """(columns, nonzeros) the LP would have, to decide before building whether it can fit."""
+    valid = int((p.cand >= 0).sum())
+    b = buckets
+    cols = valid * (b + 1) + len(p.instance_ids)
+    nnz = valid * (b + 1) + valid * b * (b + 1) // 2 + valid * (b + 1) + 2 * len(p.instance_ids) * b
+    return cols, nnz
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """Vectorised erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7): no scipy in the core."""
+    sign = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (
+        0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
+    )
+    return sign * (1.0 - poly * np.exp(-a * a))
+
+
+def normal_cdf_vec(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+
+
+def build_matrix(p: Problem, ends: np.ndarray, swap_penalty: float, rel_std: float) -> LpModel:
+    G, k = p.cand.shape
+    B = len(ends)
+    nb = B + 1
+    valid = p.cand >= 0
+    # --- x costs: expected weighted misses if served by the middle of the bucket
+    starts_t = np.concatenate([[0.0], ends[:-1]])
+    mids = (starts_t + ends) / 2.0
+    t = mids[None, None, :] + p.prefill_s[:, :, None]  # (G, k, B)
+    sd = np.maximum(1.0, rel_std * t)
+    p_miss = 1.0 - normal_cdf_vec((p.slack_s[:, None, None] - t) / sd)
+    wn = (p.weight * p.n)[:, None, None]
+    # A small pull towards earlier buckets: among plans with equal misses, serve sooner.
+    early = 1e-3 * np.broadcast_to(mids / ends[-1], (G, k, B))
+    cost_f = wn * (p_miss + early)
+    cost_o = np.broadcast_to(wn[:, :, 0] * (1.0 + 2e-3), (G, k))[:, :, None]
+    cost_x = np.concatenate([cost_f, cost_o], axis=2).reshape(-1)
+    ub_x = np.repeat(valid.reshape(-1).astype(float), nb)
+    n_x = G * k * nb
+    # --- y columns: one per (instance, model) a candidate would switch to
+    gg, cc = np.nonzero(valid & (p.swap_s > 0))
+    y_key: dict[tuple[int, str], int] = {}
+    y_load: list[float] = []
+    y_inst: list[int] = []
+    link_y = np.empty(len(gg), dtype=np.int64)
+    for r, (g, c) in enumerate(zip(gg.tolist(), cc.tolist(), strict=True)):
+        key = (int(p.cand[g, c]), p.group_models[g])
+        j = y_key.get(key)
+        if j is None:
+            j = y_key[key] = n_x + len(y_load)
+            y_load.append(float(p.swap_s[g, c]))
+            y_inst.append(key[0])
+        link_y[r] = j
+    n_y = len(y_load)
+    cost = np.concatenate([cost_x, np.full(n_y, swap_penalty)])
+    col_ub = np.concatenate([ub_x, np.ones(n_y)])
+    # --- rows
+    rows_r: list[np.ndarray] = []
+    rows_c: list[np.ndarray] = []
+    rows_v: list[np.ndarray] = []
+    lo: list[np.ndarray] = []
+    hi: list[np.ndarray] = []
+    # (1) every group fully served
+    gcol = np.arange(n_x).reshape(G, k * nb)
+    rows_r.append(np.repeat(np.arange(G), k * nb))
+    rows_c.append(gcol.reshape(-1))
+    rows_v.append(np.ones(n_x))
+    lo.append(np.ones(G))
+    hi.append(np.ones(G))
+    r0 = G
+    # (2) EDF capacity per used instance and finite bucket
+    vg, vc = np.nonzero(valid)
+    used_inst = np.unique(p.cand[valid])
+    inst_row = np.full(len(p.instance_ids), -1, dtype=np.int64)
+    inst_row[used_inst] = np.arange(len(used_inst))
+    pi = inst_row[p.cand[vg, vc]]
+    pw = p.work_s[vg, vc]
+    base_col = (vg * k + vc) * nb
+    for b in range(B):
+        for b2 in range(b + 1):
+            rows_r.append(r0 + pi * B + b)
+            rows_c.append(base_col + b2)
+            rows_v.append(pw)
+    if n_y:
+        yi = inst_row[np.array(y_inst)]
+        ycols = np.arange(n_x, n_x + n_y)
+        yl = np.array(y_load)
+        for b in range(B):
+            rows_r.append(r0 + yi * B + b)
+            rows_c.append(ycols)
+            rows_v.append(yl)
+    cap = np.maximum(0.0, ends[None, :] - p.base_s[used_inst][:, None]).reshape(-1)
+    lo.append(np.full(len(cap), -np.inf))
+    hi.append(cap)
+    r0 += len(cap)
+    # (3) serve another model only after the swap: sum_b<B x[g,c,b] - y <= 0
+    if len(gg):
+        link_rows = r0 + np.arange(len(gg))
+        lbase = (gg * k + cc) * nb
+        for b in range(B):
+            rows_r.append(link_rows)
+            rows_c.append(lbase + b)
+            rows_v.append(np.ones(len(gg)))
+        rows_r.append(link_rows)
+        rows_c.append(link_y)
+        rows_v.append(-np.ones(len(gg)))
+        lo.append(np.full(len(gg), -np.inf))
+        hi.append(np.zeros(len(gg)))
+        r0 += len(gg)
+    # (4) at most one swap per instance within the plan's horizon
+    if n_y:
+        yi_all = np.array(y_inst)
+        uy, yrow = np.unique(yi_all, return_inverse=True)
+        rows_r.append(r0 + yrow)
+        rows_c.append(np.arange(n_x, n_x + n_y))
+        rows_v.append(np.ones(n_y))
+        lo.append(np.full(len(uy), -np.inf))
+        hi.append(np.ones(len(uy)))
+        r0 += len(uy)
+    rr = np.concatenate(rows_r)
+    order = np.argsort(rr, kind="stable")
+    rr = rr[order]
+    starts = np.searchsorted(rr, np.arange(r0 + 1)).astype(np.int32)
+    return LpModel(
+        cost=cost,
+        col_ub=col_ub,
+        row_lo=np.concatenate(lo),
+        row_hi=np.concatenate(hi),
+        starts=starts,
+        index=np.concatenate(rows_c)[order].astype(np.int32),
+        value=np.concatenate(rows_v)[order],
+        n_x=n_x,
+    )
+
+
+def solve_highspy(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | None, float]:
+    import highspy
+
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("threads", 1)
+    h.setOptionValue("time_limit", max(1e-4, time_limit_s))
+    lp = highspy.HighsLp()
+    lp.num_col_ = m.cols
+    lp.num_row_ = m.rows
+    lp.col_cost_ = m.cost
+    lp.col_lower_ = np.zeros(m.cols)
+    lp.col_upper_ = m.col_ub
+    inf = highspy.kHighsInf
+    lp.row_lower_ = np.where(np.isinf(m.row_lo), -inf, m.row_lo)
+    lp.row_upper_ = np.where(np.isinf(m.row_hi), inf, m.row_hi)
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
+    lp.a_matrix_.start_ = m.starts
+    lp.a_matrix_.index_ = m.index
+    lp.a_matrix_.value_ = m.value
+    lp.a_matrix_.num_col_ = m.cols
+    lp.a_matrix_.num_row_ = m.rows
+    h.passModel(lp)
+    h.run()
+    st = h.getModelStatus()
+    if st == highspy.HighsModelStatus.kOptimal:
+        x = np.asarray(h.getSolution().col_value)
+        return SOLVER_OK, x, float(h.getInfo().objective_function_value)
+    if st == highspy.HighsModelStatus.kTimeLimit:
+        return "time limit", None, math.nan
+    return h.modelStatusToString(st), None, math.nan
+
+
+def to_pulp(m: LpModel) -> tuple[Any, list[Any]]:
+    """The same LP as a PuLP problem (readable; `prob.writeLP(path)` exports it)."""
+    import pulp
+
+    prob = pulp.LpProblem("qlm_assignment", pulp.LpMinimize)
+    xs = [pulp.LpVariable(f"v{j}", 0, float(m.col_ub[j])) for j in range(m.cols)]
+    prob += pulp.lpSum(float(m.cost[j]) * xs[j] for j in range(m.cols) if m.cost[j])
+    for r in range(m.rows):
+        a, b = int(m.starts[r]), int(m.starts[r + 1])
+        expr = pulp.lpSum(
+            float(v) * xs[int(j)] for j, v in zip(m.index[a:b], m.value[a:b], strict=True)
+        )
+        lo_r, hi_r = float(m.row_lo[r]), float(m.row_hi[r])
+        if lo_r == hi_r:
+            prob += expr == hi_r, f"r{r}"
+        else:
+            if math.isfinite(hi_r):
+                prob += expr <= hi_r, f"r{r}u"
+            if math.isfinite(lo_r):
+                prob += expr >= lo_r, f"r{r}l"
+    return prob, xs
+
+
+def solve_pulp(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | None, float]:
+    import pulp
+
+    prob, xs = to_pulp(m)
+    solver = pulp.HiGHS(msg=False, timeLimit=max(1e-3, time_limit_s), threads=1)
+    prob.solve(solver)
+    status = pulp.LpStatus[prob.status]
+    if status != "Optimal":
+        return status.lower(), None, math.nan
+    x = np.array([v.value() or 0.0 for v in xs])
+    return SOLVER_OK, x, float(pulp.value(prob.objective) or 0.0)
+
+
+def round_solution(p: Problem, m: LpModel, x: np.ndarray, buckets: int) -> Assignment:
+    """Requests per (group, instance) from the fractional shares (largest remainder); the late
+    (overflow) share follows the group's largest on-time share."""
+    G, k = p.cand.shape
+    nb = buckets + 1
+    xs = x[: m.n_x].reshape(G, k, nb)
+    fin = xs[:, :, :buckets].sum(axis=2)
+    over = xs[:, :, buckets].sum(axis=1)
+    best = np.argmax(fin, axis=1)
+    share = fin.copy()
+    share[np.arange(G), best] += over
+    share[p.cand < 0] = 0.0
+    out: Assignment = []
+    for g in range(G):
+        n = int(p.n[g])
+        q = share[g] * n
+        base = np.floor(q + 1e-9).astype(int)
+        rest = n - int(base.sum())
+        if rest > 0:
+            frac = q - base
+            frac[p.cand[g] < 0] = -1.0
+            for c in np.argsort(-frac)[:rest]:
+                base[c] += 1
+        for c in range(k):
+            if base[c] > 0 and p.cand[g, c] >= 0:
+                out.append((g, int(p.cand[g, c]), int(base[c])))
+    return out
+
+
+def solve_lp(
+    p: Problem,
+    *,
+    buckets: int,
+    swap_penalty: float,
+    rel_std: float,
+    budget_s: float,
+    use_pulp: bool,
+    timer: Callable[[], float],
+) -> LpResult:
+    t0 = timer()
+    ends = bucket_ends(p, buckets)
+    m = build_matrix(p, ends, swap_penalty, rel_std)
+    t1 = timer()
+    build_s = t1 - t0
+    left = budget_s - build_s
+    if left <= 0:
+        return LpResult(
+            "budget spent in build",
+            [],
+            m.cols,
+            m.rows,
+            build_s,
+            0.0,
+            "pulp" if use_pulp else "highspy",
+        )
+    if use_pulp:
+        status, x, obj = solve_pulp(m, left)
+    else:
+        status, x, obj = solve_highspy(m, left)
+    solve_s = timer() - t1
+    if status == SOLVER_OK and build_s + solve_s > budget_s:
+        status = "over budget"
+    if status != SOLVER_OK or x is None:
+        return LpResult(
+            status, [], m.cols, m.rows, build_s, solve_s, "pulp" if use_pulp else "highspy"
+        )
+    assignment = round_solution(p, m, x, len(ends))
+    return LpResult(
+        SOLVER_OK,
+        assignment,
+        m.cols,
+        m.rows,
+        build_s,
+        solve_s,
+        "pulp" if use_pulp else "highspy",
+        obj,
+    )
+
+
+__all__ = [
+    "LpModel",
+    "LpResult",
+    "bucket_ends",
+    "build_matrix",
+    "estimate_size",
+    "round_solution",
+    "solve_highspy",
+    "solve_lp",
+    "solve_pulp",
+    "to_pulp",
+]

@@ -1,0 +1,159 @@
+"""Global planner: assign request groups to virtual queues and order them.
+
+Path choice, recorded in the decision: the LP (lp.py) when the problem is small enough to be built
+and solved inside the time budget; otherwise, or when the solver runs out of budget, the fallback
+heuristic (heuristic.py). Either way each instance's queue is then ordered by ordering.py (model
+blocks, EDF, swap hysteresis) and forecast by the RWT estimator, whose expected weighted violations
+are recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from qlm_backend.core.decisions import PlanDecision, PlanPath
+from qlm_backend.core.estimator import GroupForecast
+from qlm_backend.core.groups import RequestGroup
+from qlm_backend.core.heuristic import Assignment, swap_aware_edf
+from qlm_backend.core.lp import estimate_size, solve_lp
+from qlm_backend.core.ordering import order_queue
+from qlm_backend.core.policies.base import PlanContext, QueueEntry
+from qlm_backend.core.problem import Problem, build_problem
+
+SolverMode = Literal["auto", "lp", "fallback"]
+
+
+class GlobalPlanner:
+    def __init__(
+        self,
+        *,
+        oracle: bool = False,
+        solver: SolverMode = "auto",
+        timer: Callable[[], float] = time.perf_counter,
+        policy_name: str = "qlm",
+    ) -> None:
+        self.oracle = oracle
+        self.solver = solver
+        self.timer = timer
+        self.policy_name = policy_name
+
+    def assign(
+        self, ctx: PlanContext, p: Problem, t_start: float
+    ) -> tuple[Assignment, PlanPath, str, dict[str, float]]:
+        cfg = ctx.config
+        info = {"cols": 0.0, "rows": 0.0, "build_s": 0.0, "solve_s": 0.0}
+        if p.num_groups == 0:
+            return [], "fallback", "nothing queued", info
+        if self.solver == "fallback":
+            return swap_aware_edf(p), "fallback", "fallback forced", info
+        cols, nnz = estimate_size(p, cfg.time_buckets)
+        info["cols"] = float(cols)
+        budget = cfg.plan_budget_s - (self.timer() - t_start)
+        if self.solver == "auto":
+            if budget <= 0:
+                why = f"budget {cfg.plan_budget_s * 1e3:.0f} ms exhausted before solve"
+                return swap_aware_edf(p), "fallback", why, info
+            if cols > cfg.lp_max_cols:
+                why = f"too big: {cols} columns > lp_max_cols {cfg.lp_max_cols}"
+                return swap_aware_edf(p), "fallback", why, info
+            predicted = nnz * cfg.lp_s_per_nonzero
+            if predicted > budget:
+                why = (
+                    f"predicted LP time {predicted * 1e3:.1f} ms > budget left "
+                    f"{budget * 1e3:.1f} ms ({cols} columns)"
+                )
+                return swap_aware_edf(p), "fallback", why, info
+        else:
+            budget = max(budget, 3600.0)  # forced LP (benchmarks): no budget
+        res = solve_lp(
+            p,
+            buckets=cfg.time_buckets,
+            swap_penalty=cfg.swap_hysteresis,
+            rel_std=max(cfg.rel_std_floor, 0.15),
+            budget_s=budget,
+            use_pulp=cols <= cfg.pulp_max_cols,
+            timer=self.timer,
+        )
+        info.update(
+            cols=float(res.cols), rows=float(res.rows), build_s=res.build_s, solve_s=res.solve_s
+        )
+        if res.status != "optimal":
+            why = f"solver {res.status} ({res.formulation}, budget {budget * 1e3:.1f} ms)"
+            return swap_aware_edf(p), "fallback", why, info
+        return res.assignment, "lp", f"lp optimal ({res.formulation}, {res.cols} columns)", info
+
+    def plan(
+        self,
+        ctx: PlanContext,
+        now: float,
+        groups: Sequence[RequestGroup] | None = None,
+        *,
+        keep: dict[str, list[QueueEntry]] | None = None,
+        path_override: PlanPath | None = None,
+    ) -> tuple[dict[str, list[QueueEntry]], PlanDecision, dict[str, list[GroupForecast]]]:
+        """Plan `groups` (default: all queued). `keep` holds entries already placed (incremental
+        mode): their load counts as base and they are ordered together with the new ones."""
+        t0 = self.timer()
+        gl = list(ctx.groups) if groups is None else list(groups)
+        extra: dict[str, float] = {}
+        if keep:
+            for iid, entries in keep.items():
+                extra[iid] = self._entries_work(ctx, iid, entries)
+        p = build_problem(
+            ctx, gl, now, k=ctx.config.candidates_per_group, oracle=self.oracle, extra_base_s=extra
+        )
+        assignment, path, why, info = self.assign(ctx, p, t0)
+        if path_override is not None:
+            path = path_override
+        per_inst: dict[str, list[QueueEntry]] = {iid: list(v) for iid, v in (keep or {}).items()}
+        offsets: dict[int, int] = {}
+        for g, i, cnt in assignment:
+            grp = gl[g]
+            rids = grp.request_ids
+            a = offsets.get(g, 0)
+            offsets[g] = a + cnt
+            iid = p.instance_ids[i]
+            per_inst.setdefault(iid, []).append(QueueEntry(grp.group_id, tuple(rids[a : a + cnt])))
+        queues: dict[str, list[QueueEntry]] = {}
+        forecasts: dict[str, list[GroupForecast]] = {}
+        total_viol = 0.0
+        for iid, entries in per_inst.items():
+            inst = ctx.instances[iid]
+            ordered, fc = order_queue(inst, entries, ctx, now, oracle=self.oracle)
+            queues[iid] = ordered
+            forecasts[iid] = fc
+            total_viol += sum(f.expected_violations for f in fc)
+        decision = PlanDecision(
+            time_s=now,
+            policy=self.policy_name,
+            path=path,
+            reason=why,
+            trigger=ctx.trigger,
+            groups=len(gl),
+            queued=int(p.n.sum()),
+            instances=len(p.instance_ids),
+            lp_cols=int(info["cols"]),
+            lp_rows=int(info["rows"]),
+            build_s=info["build_s"],
+            solve_s=info["solve_s"],
+            planner_s=self.timer() - t0,
+            expected_violations=total_viol,
+        )
+        return queues, decision, forecasts
+
+    def _entries_work(self, ctx: PlanContext, iid: str, entries: list[QueueEntry]) -> float:
+        inst = ctx.instances[iid]
+        est = ctx.estimator
+        w = 0.0
+        for e in entries:
+            st = ctx.requests[e.request_ids[0]]
+            if not est.can_serve(st.req.model, inst.spec):
+                continue
+            prof = est.profile(st.req.model, inst.spec)
+            w += est.group_work(st.req.model, st.req.slo_class, len(e.request_ids), prof)[0]
+        return w
+
+
+__all__ = ["GlobalPlanner", "SolverMode"]

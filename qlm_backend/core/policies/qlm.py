@@ -1,0 +1,159 @@
+"""QLM: the global planner (LP or swap-aware EDF fallback) over request groups, plus eviction,
+swap hysteresis, warm start and shedding."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from qlm_backend.core.estimator import GroupForecast
+from qlm_backend.core.planner import GlobalPlanner, SolverMode
+from qlm_backend.core.policies.base import Plan, PlanContext, PolicyTraits, QueueEntry
+from qlm_backend.core.policies.common import p_meet_at, prune_previous, victims
+from qlm_backend.core.request import Request
+
+
+class QlmPolicy:
+    name = "qlm"
+
+    def __init__(
+        self,
+        *,
+        solver: SolverMode = "auto",
+        timer: Callable[[], float] = time.perf_counter,
+        oracle: bool = False,
+        evict: bool = True,
+        warm_start: bool = True,
+        shed: bool = True,
+    ) -> None:
+        self.planner = GlobalPlanner(
+            oracle=oracle, solver=solver, timer=timer, policy_name=self.name
+        )
+        self.evict = evict
+        self.traits = PolicyTraits(
+            bounded_pull=True,
+            engine_scheduling="fcfs",
+            warm_start=warm_start,
+            sheds=shed,
+            uses_true_lengths=oracle,
+        )
+
+    # ------------------------------------------------------------------ admission
+    def admit(self, req: Request, ctx: PlanContext, now: float) -> str | None:
+        """Shed a sheddable request whose deadline cannot be met even at the head of every queue
+        (rejecting it at once beats letting it time out after occupying a slot)."""
+        est = ctx.estimator
+        best = 0.0
+        for inst in ctx.instances.values():
+            if not inst.healthy or not est.can_serve(req.model, inst.spec):
+                continue
+            prof = est.profile(req.model, inst.spec)
+            t = now
+            if inst.loading is not None:
+                t = max(now, inst.ready_s)
+            if (inst.loading or inst.model) != req.model:
+                warm = ctx.warm.is_warm(inst.spec.host, req.model)
+                t += prof.load_warm_s if warm else prof.load_cold_s
+            elif inst.model is not None and len(inst.in_flight) >= prof.batch:
+                cnt, w, _ = est.inflight_backlog(inst, ctx.requests, prof, now)
+                t += max(0.0, w - (prof.batch - 1) * 0.5 * w / max(1, cnt))
+            t += prof.prefill_first_s
+            best = max(best, p_meet_at(req.deadline_s, t, now, ctx.config.rel_std_floor))
+            if best >= ctx.config.shed_p_threshold:
+                return None
+        return (
+            f"deadline in {req.deadline_s - now:.1f} s cannot be met at the head of any queue "
+            f"(best P(meet) {best:.3f})"
+        )
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, ctx: PlanContext, now: float) -> Plan:
+        forecasts: dict[str, list[GroupForecast]] = {}
+        if ctx.trigger == "incremental" and ctx.previous is not None:
+            keep = prune_previous(ctx)
+            touched = ctx.new_groups
+            keep = {i: [e for e in es if e.group_id not in touched] for i, es in keep.items()}
+            kept = {e.group_id for es in keep.values() for e in es}
+            todo = [g for g in ctx.groups if g.group_id not in kept]
+            if not todo:
+                return Plan(queues=keep)
+            queues, decision, forecasts = self.planner.plan(
+                ctx, now, todo, keep=keep, path_override="incremental"
+            )
+            decision = decision.__class__(
+                **{**decision.__dict__, "reason": f"incremental: {decision.reason}"}
+            )
+        else:
+            queues, decision, forecasts = self.planner.plan(ctx, now)
+        evictions = self._evictions(ctx, queues, forecasts, now) if self.evict else []
+        return Plan(queues=queues, evictions=evictions, decision=decision)
+
+    def _evictions(
+        self,
+        ctx: PlanContext,
+        queues: dict[str, list[QueueEntry]],
+        forecasts: dict[str, list[GroupForecast]],
+        now: float,
+    ) -> list[tuple[str, str]]:
+        """Evict running lower-class requests (already past their first token) when a queued
+        higher-class group would miss its deadline waiting for a slot, and the eviction lifts its
+        P(meet) by at least evict_gain_min. A per-instance cooldown keeps it from thrashing."""
+        cfg = ctx.config
+        out: list[tuple[str, str]] = []
+        for iid, entries in queues.items():
+            inst = ctx.instances[iid]
+            fcs = forecasts.get(iid)
+            if not entries or not fcs or len(fcs) != len(entries) or not inst.in_flight:
+                continue
+            if inst.loading is not None or now - inst.last_evict_s < cfg.evict_cooldown_s:
+                continue
+            est = ctx.estimator
+            head = ctx.requests[entries[0].request_ids[0]].req
+            if head.model != inst.model:
+                # A swap is pending behind a drain: evict everything if all of it may go.
+                f = fcs[0]
+                prio = ctx.classes[head.slo_class].priority
+                vs = victims(inst, ctx, now, below_priority=prio)
+                if f.p_meet >= cfg.evict_p_threshold or len(vs) != len(inst.in_flight):
+                    continue
+                prof = est.profile(head.model, inst.spec)
+                warm = ctx.warm.is_warm(inst.spec.host, head.model)
+                t = now + (prof.load_warm_s if warm else prof.load_cold_s) + prof.prefill_first_s
+                if (
+                    p_meet_at(head.deadline_s, t, now, cfg.rel_std_floor) - f.p_meet
+                    >= cfg.evict_gain_min
+                ):
+                    out.extend(
+                        (v.req.request_id, f"swap to {head.model} for {f.group_id}") for v in vs
+                    )
+                continue
+            prof = est.profile(inst.model, inst.spec)
+            room = max(0, inst.spec.max_in_flight - len(inst.in_flight))
+            pos = 0
+            chosen: set[str] = set()
+            for e, f in zip(entries, fcs, strict=True):
+                st0 = ctx.requests[e.request_ids[0]]
+                if st0.req.model != inst.model or pos >= inst.spec.max_in_flight:
+                    break
+                n = len(e.request_ids)
+                waiting = n - max(0, min(n, room - pos))
+                pos += n
+                if waiting <= 0 or f.p_meet >= cfg.evict_p_threshold:
+                    continue
+                t = now + prof.prefill_first_s
+                gain = p_meet_at(st0.req.deadline_s, t, now, cfg.rel_std_floor) - f.p_meet
+                if gain < cfg.evict_gain_min:
+                    continue
+                prio = ctx.classes[st0.req.slo_class].priority
+                vs = [
+                    v
+                    for v in victims(inst, ctx, now, below_priority=prio)
+                    if v.req.request_id not in chosen
+                ][:waiting]
+                for v in vs:
+                    chosen.add(v.req.request_id)
+                    out.append((v.req.request_id, f"slot for {f.group_id} (P {f.p_meet:.2f})"))
+        return out
+
+
+__all__ = ["QlmPolicy"]
