@@ -115,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     host = a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1"
     eng = example_engine(loads)
+    router_hint = ""
+    if ROUTER_MODEL in loads:
+        model = eng.split("__")[0]
+        router_hint = (
+            f"  curl -N http://{host}:{server.http_port}/v2/models/{ROUTER_MODEL}/generate_stream "
+            f'-d \'{{"text_input": "hi", "max_tokens": 8, "model": "{model}", "slo_class": "interactive"}}\'\n'
+        )
     print(
         f"\nQLM is ready in {took:.1f} s.\n"
         f"  HTTP     http://{host}:{server.http_port}\n"

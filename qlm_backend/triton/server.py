@@ -125,9 +125,12 @@ class TritonServer:
             self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
             out = self._log
         t0 = time.monotonic()
+        env = dict(self.installation.env)
+        # The router dispatches to this server's engines over its own gRPC port (router/config.py).
+        env["QLM_GRPC_URL"] = self.grpc_url
         self.proc = subprocess.Popen(
             cmd,
-            env=self.installation.env,
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # own process group: stop() reaches stubs and engines too

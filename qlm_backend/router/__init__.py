@@ -1,0 +1,1 @@
+"""The `qlm` router: configuration, admission of the request contract, dispatch to engines."""

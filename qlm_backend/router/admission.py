@@ -1,0 +1,115 @@
+"""Decode and validate one request to the `qlm` router, without Triton.
+
+The router accepts the vllm_backend contract plus QLM's fields: `model` (the logical model),
+`slo_class` (or a `ttft_slo_s` override). They may come as input tensors (HTTP generate puts JSON fields
+with these names into tensors) or as request parameters. Every error names its field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qlm_backend.contract import (
+    BOOL_INPUTS,
+    ContractError,
+    GenerateParams,
+    _scalar,
+    _text,
+    parse_generate,
+)
+
+QLM_FIELDS = frozenset({"model", "slo_class", "ttft_slo_s"})
+ROUTER_INPUTS = ("text_input", "sampling_parameters", *BOOL_INPUTS, *sorted(QLM_FIELDS))
+
+
+@dataclass(frozen=True)
+class RouterRequest:
+    params: GenerateParams
+    model: str
+    slo_class: str
+    ttft_slo_s: float | None
+    prompt_tokens: int
+
+
+def _field(inputs: Mapping[str, np.ndarray | None], params: Mapping[str, Any], name: str) -> Any:
+    arr = inputs.get(name)
+    if arr is not None:
+        value = _scalar(arr, name)
+        if isinstance(value, bytes | np.bytes_):
+            return _text(value, name)
+        return value.item() if isinstance(value, np.generic) else value
+    return params.get(name)
+
+
+def parse_router_request(
+    inputs: Mapping[str, np.ndarray | None],
+    parameters_json: str | None,
+    *,
+    models: Mapping[str, int],
+    slo_classes: Mapping[str, float],
+    default_slo_class: str,
+    count_tokens: Callable[[str], int],
+    max_prompt_bytes: int,
+) -> RouterRequest:
+    """`models`: logical model -> context tokens; `slo_classes`: class -> TTFT SLO seconds."""
+    try:
+        params = json.loads(parameters_json) if parameters_json else {}
+    except json.JSONDecodeError:
+        params = {}
+    text = inputs.get("text_input")
+    if text is not None:
+        raw = _scalar(text, "text_input")
+        if isinstance(raw, bytes | np.bytes_) and len(raw) > max_prompt_bytes:
+            raise ContractError(
+                "text_input", f"is {len(raw)} bytes; the limit is {max_prompt_bytes}"
+            )
+    model = _field(inputs, params, "model")
+    if model is None or model == "":
+        raise ContractError("model", f"is required; served models: {', '.join(sorted(models))}")
+    if not isinstance(model, str):
+        raise ContractError("model", f"must be a string, got {model!r}")
+    if model not in models:
+        raise ContractError(
+            "model", f"unknown model {model!r}; served models: {', '.join(sorted(models))}"
+        )
+    slo_class = _field(inputs, params, "slo_class")
+    if slo_class is None or slo_class == "":
+        slo_class = default_slo_class
+    if not isinstance(slo_class, str) or slo_class not in slo_classes:
+        raise ContractError(
+            "slo_class", f"unknown class {slo_class!r}; known: {', '.join(sorted(slo_classes))}"
+        )
+    ttft = _field(inputs, params, "ttft_slo_s")
+    if ttft is not None:
+        if isinstance(ttft, str):
+            try:
+                ttft = float(ttft)
+            except ValueError:
+                raise ContractError(
+                    "ttft_slo_s", f"must be a number of seconds, got {ttft!r}"
+                ) from None
+        if (
+            isinstance(ttft, bool)
+            or not isinstance(ttft, int | float)
+            or not math.isfinite(ttft)
+            or ttft <= 0
+        ):
+            raise ContractError(
+                "ttft_slo_s", f"must be a finite number of seconds > 0, got {ttft!r}"
+            )
+        ttft = float(ttft)
+    gp = parse_generate(
+        inputs,
+        parameters_json,
+        models[model],
+        count_tokens,
+        ignore_parameters=QLM_FIELDS,
+        default_stream=True,
+    )
+    return RouterRequest(gp, model, slo_class, ttft, count_tokens(gp.prompt))

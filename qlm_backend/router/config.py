@@ -1,0 +1,160 @@
+"""Router configuration: `router.json` next to the router's model.py, and config.pbtxt parameters.
+
+Keys (all optional but the policy has a default too):
+  policy               any registered core policy (qlm, fcfs, edf, priority, shepherd, oracle)
+  fleet                fleet file, relative to the model repository root (default fleet.json)
+  time_scale           wall seconds per simulated second; must match the engines' time_scale
+  default_slo_class    class of a request that names none
+  engine_url           gRPC address of the server running local engines ("" = this server)
+  instance_servers     {instance_id: "grpc://host:port"} for instances on other Triton servers
+  tick_s               planner tick, wall seconds
+  cancel_poll_s        how often queued/running requests are checked for client cancellation
+  metrics_interval_s   how often gauges are pushed to Triton's metrics endpoint
+  forward_priority     pass the class priority to engines (vLLM priority scheduling)
+  load_timeout_s       a model load that takes longer fails the instance
+  max_prompt_bytes     request size cap on text_input
+  manager              overrides of the core's ManagerConfig fields
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from qlm_backend.core.config import ManagerConfig
+from qlm_backend.core.policies import validate_policy_name
+
+CONFIG_FILE = "router.json"
+GRPC_URL_ENV = "QLM_GRPC_URL"  # set by qlm-serve / TritonServer: this server's own gRPC address
+
+
+class RouterConfigError(ValueError):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"router config key {key!r}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    policy: str = "qlm"
+    fleet: str = "fleet.json"
+    time_scale: float = 1.0
+    default_slo_class: str = "interactive"
+    engine_url: str = ""
+    instance_servers: Mapping[str, str] = field(default_factory=dict)
+    tick_s: float = 0.02
+    cancel_poll_s: float = 0.1
+    metrics_interval_s: float = 0.5
+    forward_priority: bool = True
+    load_timeout_s: float = 600.0
+    max_prompt_bytes: int = 1 << 20
+    manager: Mapping[str, Any] = field(default_factory=dict)
+
+    def local_url(self) -> str:
+        return self.engine_url or os.environ.get(GRPC_URL_ENV, "127.0.0.1:8001")
+
+    def url_for(self, instance_id: str) -> str:
+        url = self.instance_servers.get(instance_id)
+        if not url:
+            return self.local_url()
+        return url.removeprefix("grpc://")
+
+    def manager_config(self) -> ManagerConfig:
+        known = {f.name for f in fields(ManagerConfig)}
+        bad = sorted(set(self.manager) - known)
+        if bad:
+            raise RouterConfigError(
+                f"manager.{bad[0]}", f"unknown key; known: {', '.join(sorted(known))}"
+            )
+        try:
+            return ManagerConfig(**dict(self.manager))
+        except (TypeError, ValueError) as e:
+            raise RouterConfigError("manager", str(e)) from None
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RouterConfig:
+        known = {f.name: f for f in fields(cls)}
+        bad = sorted(set(raw) - set(known))
+        if bad:
+            raise RouterConfigError(bad[0], f"unknown key; known: {', '.join(sorted(known))}")
+        vals: dict[str, Any] = {}
+        for key, value in raw.items():
+            default = getattr(cls(), key)
+            vals[key] = _coerce(key, value, default)
+        cfg = cls(**vals)
+        try:
+            validate_policy_name(cfg.policy)
+        except ValueError as e:
+            raise RouterConfigError("policy", str(e)) from None
+        for key in (
+            "time_scale",
+            "tick_s",
+            "cancel_poll_s",
+            "metrics_interval_s",
+            "load_timeout_s",
+        ):
+            if not getattr(cfg, key) > 0:
+                raise RouterConfigError(key, f"must be > 0, got {getattr(cfg, key)}")
+        if cfg.max_prompt_bytes < 1:
+            raise RouterConfigError("max_prompt_bytes", f"must be >= 1, got {cfg.max_prompt_bytes}")
+        for iid, url in cfg.instance_servers.items():
+            if not isinstance(url, str) or not url.startswith("grpc://"):
+                raise RouterConfigError(
+                    f"instance_servers.{iid}", f"must be 'grpc://host:port', got {url!r}"
+                )
+        cfg.manager_config()
+        return cfg
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    # config.pbtxt parameters are strings; JSON values are typed.
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError
+                return value.lower() == "true"
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if isinstance(default, int):
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(default, Mapping):
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, Mapping):
+                raise ValueError
+            return dict(value)
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (TypeError, ValueError):
+        raise RouterConfigError(key, f"must be {type(default).__name__}, got {value!r}") from None
+
+
+def load_router_config(model_config: Mapping[str, Any], version_dir: Path) -> RouterConfig:
+    """router.json next to model.py, overridden by config.pbtxt parameters."""
+    raw: dict[str, Any] = {}
+    path = version_dir / CONFIG_FILE
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RouterConfigError(CONFIG_FILE, f"is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise RouterConfigError(CONFIG_FILE, "must hold a JSON object")
+        raw.update(data)
+    for key, val in (model_config.get("parameters") or {}).items():
+        if key == "EXECUTION_ENV_PATH":
+            continue
+        raw[key] = val.get("string_value", "") if isinstance(val, dict) else val
+    return RouterConfig.from_mapping(raw)

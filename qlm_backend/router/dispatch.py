@@ -1,0 +1,170 @@
+"""One dispatcher for local and remote engines: tritonclient's gRPC asyncio streaming.
+
+Measured on Triton 2.51 (DESIGN.md section 7): BLS `async_exec(decoupled=True)` returns a blocking
+iterator and cannot cancel its child request, so eviction and client cancellation would not stop the
+engine. A gRPC aio stream to the engine's server (this server over loopback, or another server)
+streams concurrently and its `cancel()` reaches the engine's `is_cancelled()` within a step. The same
+client performs model control (load with a config override, unload) on that server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from qlm_backend.triton.repository import engine_config_dict
+
+
+class EngineError(RuntimeError):
+    """The engine or its server failed (not the client's fault); `unavailable` when it is gone."""
+
+    def __init__(self, message: str, unavailable: bool) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
+
+
+@dataclass(frozen=True)
+class EngineChunk:
+    text: str
+    num_output_tokens: int
+    finish_reason: str | None  # set on the engine's final response
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # other outputs, passed through
+
+
+PASS_THROUGH = ("cumulative_logprob", "logprobs", "num_input_tokens")
+
+
+def _tensor(name: str, value: Any) -> InferInput:
+    if isinstance(value, bool):
+        arr, dtype = np.array([value], dtype=bool), "BOOL"
+    elif isinstance(value, int):
+        arr, dtype = np.array([value], dtype=np.int32), "INT32"
+    else:
+        arr, dtype = np.array([str(value).encode()], dtype=np.object_), "BYTES"
+    t = InferInput(name, [1], dtype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+class EngineStream:
+    """One request streaming from an engine model; `cancel()` stops the engine's work."""
+
+    def __init__(
+        self,
+        client: grpcaio.InferenceServerClient,
+        model: str,
+        fields: dict[str, Any],
+        request_id: str,
+    ):
+        self._done = asyncio.Event()
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield {
+                "model_name": model,
+                "inputs": [_tensor(k, v) for k, v in fields.items()],
+                "request_id": request_id,
+            }
+            # Keep the request side open until the response side ends: closing it early would
+            # half-close the stream, which some servers treat as the end of the request.
+            await self._done.wait()
+
+        self._it = client.stream_infer(inputs_iterator=requests())
+        self.model = model
+
+    def cancel(self) -> None:
+        self._done.set()
+        self._it.cancel()
+
+    async def chunks(self) -> AsyncIterator[EngineChunk]:
+        try:
+            async for result, error in self._it:
+                if error is not None:
+                    raise _engine_error(error, self.model)
+                text = result.as_numpy("text_output")
+                n = result.as_numpy("num_output_tokens")
+                reason = result.as_numpy("finish_reason")
+                fr = None
+                if reason is not None:
+                    r = reason.reshape(-1)[0]
+                    fr = r.decode() if isinstance(r, bytes) else str(r)
+                    fr = None if fr == "None" else fr
+                extras = {}
+                for name in PASS_THROUGH:
+                    arr = result.as_numpy(name)
+                    if arr is not None:
+                        extras[name] = arr
+                chunk = EngineChunk(
+                    b"".join(text.reshape(-1)).decode("utf-8", "replace")
+                    if text is not None
+                    else "",
+                    int(n.reshape(-1)[0]) if n is not None else 0,
+                    fr,
+                    extras,
+                )
+                yield chunk
+                if fr is not None:
+                    return
+        except InferenceServerException as e:
+            raise _engine_error(e, self.model) from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # grpc channel errors surface as various exception types
+            raise EngineError(f"{self.model}: stream failed: {e}", unavailable=True) from None
+        finally:
+            self._done.set()
+        raise EngineError(f"{self.model}: stream ended without a final response", unavailable=True)
+
+
+def _engine_error(error: Any, model: str) -> EngineError:
+    msg = str(error)
+    status = getattr(error, "status", lambda: None)() or ""
+    gone = any(
+        s in status or s in msg
+        for s in (
+            "UNAVAILABLE",
+            "NOT_FOUND",
+            "not found",
+            "unloaded",
+            "is not ready",
+            "StatusCode.UNAVAILABLE",
+            "unavailable",
+        )
+    )
+    return EngineError(f"{model}: {msg}", unavailable=gone)
+
+
+class EngineServer:
+    """A Triton server holding engine models: streams, loads, unloads."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = grpcaio.InferenceServerClient(url)
+
+    def stream(self, model: str, fields: dict[str, Any], request_id: str) -> EngineStream:
+        return EngineStream(self.client, model, fields, request_id)
+
+    async def load(
+        self, model: str, parameters: dict[str, str], headers: dict[str, str] | None = None
+    ) -> None:
+        config = json.dumps(engine_config_dict(model, parameters))
+        await self.client.load_model(model, config=config, headers=headers)
+
+    async def unload(self, model: str, headers: dict[str, str] | None = None) -> None:
+        await self.client.unload_model(model, headers=headers)
+
+    async def is_ready(self, model: str) -> bool:
+        try:
+            return bool(await self.client.is_model_ready(model))
+        except InferenceServerException:
+            return False
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,89 @@
+"""The router's metrics on Triton's own metrics endpoint (pb_utils.MetricFamily), so existing
+Prometheus scrapes of :8002 see them: queues and predicted waits per model and class, SLO outcomes per
+class, LSO counts by kind, planner time and solver fallbacks.
+
+Every pb_utils.Metric call is a synchronous IPC: gauges are pushed on an interval, counters on events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+from qlm_backend.core.decisions import PlanDecision
+from qlm_backend.core.manager import QueueStat
+
+PLANNER_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+
+
+class RouterMetrics:
+    def __init__(self, router: str) -> None:
+        self._labels = {"router": router}
+        fam = pb_utils.MetricFamily
+        self._queue = fam(
+            "qlm_queue_length", "Requests queued in the router, per model and SLO class.", fam.GAUGE
+        )
+        self._wait = fam(
+            "qlm_predicted_wait_seconds",
+            "Predicted time to first token of the head group, per model and SLO class (simulated seconds).",
+            fam.GAUGE,
+        )
+        self._outcome = fam(
+            "qlm_requests_total",
+            "Requests by SLO class and outcome (attained, missed, rejected, cancelled, failed).",
+            fam.COUNTER,
+        )
+        self._lso = fam(
+            "qlm_lso_total", "LLM serving operations carried out, by kind.", fam.COUNTER
+        )
+        self._plan = fam("qlm_planner_seconds", "Wall time of planner decisions.", fam.HISTOGRAM)
+        self._fallback = fam(
+            "qlm_solver_fallbacks_total", "Plans decided by the heuristic fallback.", fam.COUNTER
+        )
+        self._plan_m = self._plan.Metric(labels=self._labels, buckets=PLANNER_BUCKETS)
+        self._fallback_m = self._fallback.Metric(labels=self._labels)
+        self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        self._last_decision: PlanDecision | None = None
+        self._queue_keys: set[tuple[str, str]] = set()
+
+    def _m(self, fam: Any, **labels: str) -> Any:
+        key = (fam.__class__.__name__ + str(id(fam)), tuple(sorted(labels.items())))
+        m = self._metrics.get(key)
+        if m is None:
+            m = self._metrics[key] = fam.Metric(labels={**self._labels, **labels})
+        return m
+
+    def outcome(self, slo_class: str, outcome: str) -> None:
+        self._m(self._outcome, slo_class=slo_class, outcome=outcome).increment(1)
+
+    def lso(self, kind: str, n: int = 1) -> None:
+        self._m(self._lso, kind=kind).increment(n)
+
+    def planner(self, decisions: Sequence[PlanDecision]) -> None:
+        """Observe the decisions made since the last call (the core keeps a bounded history)."""
+        new: list[PlanDecision] = []
+        for d in reversed(decisions):
+            if d is self._last_decision:
+                break
+            new.append(d)
+        if decisions:
+            self._last_decision = decisions[-1]
+        for d in new:
+            self._plan_m.observe(d.planner_s)
+            if d.path == "fallback":
+                self._fallback_m.increment(1)
+
+    def queues(self, stats: Sequence[QueueStat]) -> None:
+        seen = set()
+        for s in stats:
+            key = (s.model, s.slo_class)
+            seen.add(key)
+            self._m(self._queue, model=s.model, slo_class=s.slo_class).set(s.queued)
+            self._m(self._wait, model=s.model, slo_class=s.slo_class).set(s.predicted_wait_s)
+        # Kinds that emptied since the last push go back to zero instead of keeping a stale value.
+        for model, cls in self._queue_keys - seen:
+            self._m(self._queue, model=model, slo_class=cls).set(0)
+            self._m(self._wait, model=model, slo_class=cls).set(0)
+        self._queue_keys |= seen
