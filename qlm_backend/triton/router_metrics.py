@@ -19,7 +19,7 @@ PLANNER_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 
 
 class RouterMetrics:
-    def __init__(self, router: str) -> None:
+    def __init__(self, router: str, kinds: Sequence[tuple[str, str]] = ()) -> None:
         self._labels = {"router": router}
         fam = pb_utils.MetricFamily
         self._queue = fam(
@@ -46,7 +46,9 @@ class RouterMetrics:
         self._fallback_m = self._fallback.Metric(labels=self._labels)
         self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         self._last_decision: PlanDecision | None = None
-        self._queue_keys: set[tuple[str, str]] = set()
+        # Every (model, class) pair is exported from the start, at zero, so dashboards see all series.
+        self._queue_keys: set[tuple[str, str]] = set(kinds)
+        self.queues([])
 
     def _m(self, fam: Any, **labels: str) -> Any:
         key = (fam.__class__.__name__ + str(id(fam)), tuple(sorted(labels.items())))

@@ -92,7 +92,7 @@ class RouterModel:
             raise pb_utils.TritonModelException(
                 f"router config key 'default_slo_class': unknown class {self.cfg.default_slo_class!r}"
             )
-        self.metrics = RouterMetrics(self.name)
+        self.metrics = RouterMetrics(self.name, [(m, c) for m in self.models for c in self.classes])
         self.reqs: dict[str, _Req] = {}
         self._ids = itertools.count(1)
         self._t0 = time.monotonic()

@@ -168,8 +168,10 @@ class TritonServer:
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
-            with contextlib.suppress(OSError):
-                if os.getpgid(int(entry.name)) == pgid:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # /proc/<pid>/stat: "pid (comm) state ppid pgrp ..."; comm may contain spaces.
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":  # zombies hold no resources
                     pids.append(int(entry.name))
         return pids
 
@@ -185,23 +187,18 @@ class TritonServer:
             pass
         # Stragglers (a stub's orphaned engine) still carry the group id: kill the group.
         deadline = time.monotonic() + timeout_s
-        while self._group_alive(pgid) and time.monotonic() < deadline:
+        while self.descendants() and time.monotonic() < deadline:
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while self.descendants() and time.monotonic() < deadline:
+            time.sleep(0.05)
         if self._log:
             self._log.close()
             self._log = None
-
-    @staticmethod
-    def _group_alive(pgid: int) -> bool:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
 
     def __enter__(self) -> TritonServer:
         self.start()

@@ -1,24 +1,92 @@
-"""One real tritonserver for the whole integration run, on free loopback ports, on the shipped repository."""
+"""One real tritonserver for the whole integration run, on free loopback ports.
+
+Its repository is a copy of the shipped one (the default fleet and its `qlm` router) plus two small
+test fleets that run ten times faster than real time (time_scale 0.1), each behind its own router:
+`qlm-test` (policy qlm) and `fcfs-test` (policy fcfs). They have separate instances, because a
+router owns what its instances run.
+"""
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from qlm_backend.triton.launcher import models_to_load
+from qlm_backend.triton.repository import engine_model_name, write_router, write_sim_engine
 from qlm_backend.triton.server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "model_repository"
+TIME_SCALE = 0.1
+
+TEST_FLEETS = {
+    "qlm-test": {
+        "policy": "qlm",
+        "instances": [
+            {
+                "instance_id": "q-a10-0",
+                "gpu": "A10",
+                "models_allowed": ["mistral-7b"],
+                "initial_model": "mistral-7b",
+                "max_in_flight": 4,
+            },
+            {
+                "instance_id": "q-a100-0",
+                "gpu": "A100-80G",
+                "models_allowed": ["llama-2-13b", "llama-3-8b"],
+                "initial_model": "llama-2-13b",
+                "max_in_flight": 8,
+            },
+        ],
+    },
+    "fcfs-test": {
+        "policy": "fcfs",
+        "instances": [
+            {
+                "instance_id": "f-a10-0",
+                "gpu": "A10",
+                "models_allowed": ["mistral-7b"],
+                "initial_model": "mistral-7b",
+                "max_in_flight": 4,
+            },
+        ],
+    },
+}
+ENGINE_SETTINGS = {"time_scale": TIME_SCALE, "max_num_seqs": 4}
+
+
+def build_repository(dst: Path) -> list[str]:
+    """Copy the shipped repository, add the test fleets; returns the models to load at start."""
+    shutil.copytree(REPO, dst)
+    loads = models_to_load(dst, None)
+    for router, spec in TEST_FLEETS.items():
+        fleet_file = f"fleet-{router}.json"
+        (dst / fleet_file).write_text(json.dumps({"instances": spec["instances"]}, indent=2))
+        for inst in spec["instances"]:
+            for model in inst["models_allowed"]:
+                write_sim_engine(
+                    dst, model, inst["instance_id"], {"gpu": inst["gpu"], **ENGINE_SETTINGS}
+                )
+            loads.append(engine_model_name(inst["initial_model"], inst["instance_id"]))
+        write_router(
+            dst,
+            {"policy": spec["policy"], "fleet": fleet_file, "time_scale": TIME_SCALE},
+            name=router,
+        )
+        loads.append(router)
+    return loads
 
 
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    log = tmp_path_factory.mktemp("triton") / "server.log"
-    server = TritonServer(REPO, load_models=models_to_load(REPO, None), log_path=log)
-    server.start(timeout_s=90)
+    base = tmp_path_factory.mktemp("triton")
+    loads = build_repository(base / "repo")
+    server = TritonServer(base / "repo", load_models=loads, log_path=base / "server.log")
+    server.start(timeout_s=120)
     try:
         yield server
     finally:

@@ -127,3 +127,60 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float | None:
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
             return float(value)
     return None
+
+
+@dataclass
+class TimedStream:
+    """An asyncio gRPC stream with arrival-relative timings, cancellable from outside."""
+
+    texts: list[str] = field(default_factory=list)
+    tokens: int = 0
+    first_token_s: float | None = None
+    done_s: float | None = None
+    error: str | None = None
+    final: dict[str, Any] = field(default_factory=dict)
+    _it: Any = None
+
+    def cancel(self) -> None:
+        if self._it is not None and self.done_s is None:
+            self._it.cancel()
+
+
+async def timed_stream(
+    client: Any, model: str, fields: dict[str, Any], out: TimedStream
+) -> TimedStream:
+    """Send one request on its own stream; record first-token and completion times (monotonic)."""
+    import asyncio
+    import time
+
+    t0 = time.monotonic()
+    done = asyncio.Event()
+
+    async def requests():
+        yield {"model_name": model, "inputs": make_inputs(fields)}
+        await done.wait()
+
+    out._it = client.stream_infer(inputs_iterator=requests())
+    try:
+        async for result, error in out._it:
+            if error is not None:
+                out.error = str(error)
+                break
+            text = result.as_numpy("text_output")
+            n = result.as_numpy("num_output_tokens")
+            if text is not None:
+                out.texts.append(b"".join(text.reshape(-1)).decode())
+            if n is not None:
+                out.tokens += int(n.reshape(-1)[0])
+                if out.first_token_s is None and int(n.reshape(-1)[0]) > 0:
+                    out.first_token_s = time.monotonic() - t0
+            fr = result.as_numpy("finish_reason")
+            if fr is not None and fr.reshape(-1)[0] not in (b"None", "None"):
+                out.final = {k: result.as_numpy(k) for k in ("qlm_queue_s", "qlm_instance")}
+                out.done_s = time.monotonic() - t0
+                break
+    except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - cancelled streams end so
+        out.error = out.error or repr(e)
+    finally:
+        done.set()
+    return out
