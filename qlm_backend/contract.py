@@ -29,7 +29,36 @@ BOOL_INPUTS = ("stream", "exclude_input_in_output", *RETURN_FLAGS)
 # vLLM SamplingParams fields (0.6 .. 0.11) plus Triton's lora_name. Unknown keys are an error, as in
 # vllm_backend, so a typo never silently falls back to a default.
 SAMPLING_KEYS = frozenset(
-    ["n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "bad_words", "include_stop_str_in_output", "ignore_eos", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "detokenize", "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens", "logit_bias", "allowed_token_ids", "guided_decoding", "structured_outputs", "lora_name"]
+    [
+        "n",
+        "best_of",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "bad_words",
+        "include_stop_str_in_output",
+        "ignore_eos",
+        "max_tokens",
+        "min_tokens",
+        "logprobs",
+        "prompt_logprobs",
+        "detokenize",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "truncate_prompt_tokens",
+        "logit_bias",
+        "allowed_token_ids",
+        "guided_decoding",
+        "structured_outputs",
+        "lora_name",
+    ]
 )
 # Request parameters Triton's frontends may set themselves; never sampling keys.
 RESERVED_PARAMETERS = frozenset(

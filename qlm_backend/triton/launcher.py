@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  metrics  http://{host}:{server.metrics_port}/metrics\n"
         f"  models   {', '.join(loads)}\n\n"
         "Try:\n"
-        f"  curl -N http://{host}:{server.http_port}/v2/models/{eng}/generate_stream "
+        + router_hint
+        + f"  curl -N http://{host}:{server.http_port}/v2/models/{eng}/generate_stream "
         '-d \'{"text_input": "hi", "max_tokens": 8}\'\n\n'
         "Ctrl-C stops the server.",
         flush=True,

@@ -14,7 +14,6 @@ import urllib.request
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
-
 from conftest import TIME_SCALE
 from streams import TimedStream, grpc_stream, http_post, metric_value, sse_events, timed_stream
 
