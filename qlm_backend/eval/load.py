@@ -83,7 +83,9 @@ def estimate_capacity(fleet: FleetConfig, workload: Sequence[WorkloadRequest]) -
     for i, ms in rates.items():
         if ms:
             prob += pulp.lpSum(x[i, m] for m in ms) <= 1
-    prob.solve(pulp.HiGHS(msg=False))
+    # threads=1: HiGHS fixes its thread scheduler at the first solve of the process, and the
+    # core's planner LP asks for one thread; a first solve with the default would break it.
+    prob.solve(pulp.HiGHS(msg=False, threads=1))
     value = pulp.value(lam)
     if value is None or value <= 0:
         raise ValueError("capacity estimate failed (the LP found no positive rate)")

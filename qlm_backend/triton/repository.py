@@ -155,3 +155,31 @@ def write_router(repo: Path, settings: Mapping[str, Any], name: str = "qlm") -> 
     (d / "1" / "model.py").write_text(ROUTER_MODEL_PY)
     (d / "1" / "router.json").write_text(json.dumps(dict(settings), indent=2) + "\n")
     return d
+
+
+def add_fleet(
+    repo: Path,
+    router: str,
+    policy: str,
+    instances: list[dict[str, Any]],
+    engine_settings: Mapping[str, Any] | None = None,
+    router_settings: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Add a fleet behind its own router to `repo`: `fleet-<router>.json`, an engine model for every
+    (model, instance) it allows, and the router. Returns the models to load at start (initial
+    engines, then the router). Routers own their instances: give each fleet its own instance ids."""
+    fleet_file = f"fleet-{router}.json"
+    (repo / fleet_file).write_text(json.dumps({"instances": instances}, indent=2) + "\n")
+    loads = []
+    for inst in instances:
+        for model in inst["models_allowed"]:
+            write_sim_engine(
+                repo, model, inst["instance_id"], {"gpu": inst["gpu"], **(engine_settings or {})}
+            )
+        if inst.get("initial_model"):
+            loads.append(engine_model_name(inst["initial_model"], inst["instance_id"]))
+    write_router(
+        repo, {"policy": policy, "fleet": fleet_file, **(router_settings or {})}, name=router
+    )
+    loads.append(router)
+    return loads

@@ -8,7 +8,6 @@ router owns what its instances run.
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qlm_backend.triton.launcher import models_to_load
-from qlm_backend.triton.repository import engine_model_name, write_router, write_sim_engine
+from qlm_backend.triton.repository import add_fleet
 from qlm_backend.triton.server import TritonServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,20 +63,14 @@ def build_repository(dst: Path) -> list[str]:
     shutil.copytree(REPO, dst)
     loads = models_to_load(dst, None)
     for router, spec in TEST_FLEETS.items():
-        fleet_file = f"fleet-{router}.json"
-        (dst / fleet_file).write_text(json.dumps({"instances": spec["instances"]}, indent=2))
-        for inst in spec["instances"]:
-            for model in inst["models_allowed"]:
-                write_sim_engine(
-                    dst, model, inst["instance_id"], {"gpu": inst["gpu"], **ENGINE_SETTINGS}
-                )
-            loads.append(engine_model_name(inst["initial_model"], inst["instance_id"]))
-        write_router(
+        loads += add_fleet(
             dst,
-            {"policy": spec["policy"], "fleet": fleet_file, "time_scale": TIME_SCALE},
-            name=router,
+            router,
+            spec["policy"],
+            spec["instances"],
+            ENGINE_SETTINGS,
+            {"time_scale": TIME_SCALE},
         )
-        loads.append(router)
     return loads
 
 
