@@ -74,8 +74,8 @@ def is_built(out: Path, spec: TinySpec) -> bool:
 
 
 def _train_tokenizer(corpus: Path, spec: TinySpec, out: Path) -> None:
-    from tokenizers import ByteLevelBPETokenizer  # type: ignore[import-not-found]
-    from transformers import PreTrainedTokenizerFast  # type: ignore[import-not-found]
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train(
@@ -96,8 +96,8 @@ def _train_tokenizer(corpus: Path, spec: TinySpec, out: Path) -> None:
 
 
 def _build_model(spec: TinySpec, out: Path, bos_id: int, eos_id: int, pad_id: int) -> None:
-    import torch  # type: ignore[import-not-found]
-    from transformers import LlamaConfig, LlamaForCausalLM  # type: ignore[import-not-found]
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         hidden_size=spec.hidden_size,
@@ -129,7 +129,7 @@ def build(out: Path, spec: TinySpec, corpus: Path, force: bool = False) -> bool:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _train_tokenizer(corpus, spec, tmp)
-    from transformers import AutoTokenizer  # type: ignore[import-not-found]
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tmp))
     # Every id the model can emit must be a real token, or detokenisation would fail.

