@@ -11,6 +11,7 @@ ttft_cdf_load<X>.png, timeline_load<X>.png and, for a sweep, attainment_vs_load.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import time
@@ -108,6 +109,8 @@ def _silence_highs_banner() -> None:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 1)
             highspy.Highs()
+            # The banner sits in C stdio's buffer when stdout is a file: flush it to /dev/null.
+            ctypes.CDLL(None).fflush(None)
     finally:
         os.dup2(saved, 1)
         os.close(saved)

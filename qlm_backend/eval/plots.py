@@ -85,7 +85,9 @@ def timeline(results: Mapping[str, SimResult], path: Path, title: str) -> Path:
     colors = {m: plt.cm.tab10(k % 10) for k, m in enumerate(models)}
     n = len(results)
     insts = sorted({s.instance_id for res in results.values() for s in res.segments})
-    fig, axes = plt.subplots(n, 1, figsize=(10, 0.45 * len(insts) * n + 1.2), squeeze=False)
+    fig, axes = plt.subplots(
+        n, 1, figsize=(10, 0.45 * len(insts) * n + 1.2), squeeze=False, sharex=True
+    )
     for ax, (name, res) in zip(axes[:, 0], results.items(), strict=True):
         for s in res.segments:
             y = insts.index(s.instance_id)
