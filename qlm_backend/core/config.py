@@ -31,9 +31,9 @@ class ManagerConfig:
     plan_budget_s: float = 0.050  # wall budget for the LP path (DESIGN.md: 50 ms default)
     candidates_per_group: int = 4  # prune each group to its k best instances
     lp_max_cols: int = 40_000  # above this the LP is not tried (too big for the budget)
-    pulp_max_cols: int = (
-        1_500  # up to this many columns formulate with PuLP (readable), else highspy
-    )
+    # Up to this many columns the LP is formulated in PuLP (readable), above with highspy's matrix
+    # API: PuLP's build costs ~20 us per column here, too much for a 50 ms budget beyond ~200.
+    pulp_max_cols: int = 200
     # Predicted HiGHS cost per nonzero, used to skip an LP that cannot finish inside the budget
     # (DESIGN.md section 7: ~11 ms solve + 4 ms build for 6,400 columns, about 4 nonzeros each).
     lp_s_per_nonzero: float = 6e-7

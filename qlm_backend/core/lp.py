@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -253,7 +253,11 @@ def to_pulp(m: LpModel) -> tuple[Any, list[Any]]:
     import pulp
 
     prob = pulp.LpProblem("qlm_assignment", pulp.LpMinimize)
-    xs = [pulp.LpVariable(f"v{j}", 0, float(m.col_ub[j])) for j in range(m.cols)]
+    add = getattr(prob, "add_variable", None)  # PuLP >= 3.3 attaches variables to the model
+    if add is not None:
+        xs = [add(f"v{j}", 0, float(m.col_ub[j])) for j in range(m.cols)]
+    else:  # pragma: no cover - older PuLP
+        xs = [pulp.LpVariable(f"v{j}", 0, float(m.col_ub[j])) for j in range(m.cols)]
     prob += pulp.lpSum(float(m.cost[j]) * xs[j] for j in range(m.cols) if m.cost[j])
     for r in range(m.rows):
         a, b = int(m.starts[r]), int(m.starts[r + 1])

@@ -127,3 +127,43 @@ __all__ = [
     "serving",
     "victims",
 ]
+
+
+def steal_for_idle(queues: dict[str, list[QueueEntry]], ctx: PlanContext) -> None:
+    """Late binding across instances: an instance with free slots and nothing of its model queued
+    takes requests of its model that another instance would not start now (those past the owner's
+    free room), earliest first. Fixes plans that put a whole group on one instance."""
+    for iid, inst in ctx.instances.items():
+        if not inst.usable or inst.room <= 0:
+            continue
+        mine = queues.get(iid, [])
+        if any(ctx.requests[e.request_ids[0]].req.model == inst.model for e in mine):
+            continue
+        want = inst.room
+        taken: list[QueueEntry] = []
+        for oid, entries in queues.items():
+            if oid == iid or want <= 0:
+                continue
+            owner = ctx.instances[oid]
+            pos = 0
+            free = owner.room if owner.usable else 0
+            new_entries: list[QueueEntry] = []
+            for e in entries:
+                model = ctx.requests[e.request_ids[0]].req.model
+                if model != inst.model or want <= 0:
+                    new_entries.append(e)
+                    pos += len(e.request_ids)
+                    continue
+                keep_n = max(0, free - pos)
+                ids = e.request_ids
+                move = ids[keep_n : keep_n + want]
+                rest = ids[:keep_n] + ids[keep_n + len(move) :]
+                if move:
+                    taken.append(QueueEntry(e.group_id, move))
+                    want -= len(move)
+                if rest:
+                    new_entries.append(QueueEntry(e.group_id, rest))
+                pos += len(rest)
+            queues[oid] = new_entries
+        if taken:
+            queues[iid] = taken + mine

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from qlm_backend.core.estimator import GroupForecast
 from qlm_backend.core.planner import GlobalPlanner, SolverMode
 from qlm_backend.core.policies.base import Plan, PlanContext, PolicyTraits, QueueEntry
-from qlm_backend.core.policies.common import p_meet_at, prune_previous, victims
+from qlm_backend.core.policies.common import p_meet_at, prune_previous, steal_for_idle, victims
 from qlm_backend.core.request import Request
 
 
@@ -76,6 +76,7 @@ class QlmPolicy:
             kept = {e.group_id for es in keep.values() for e in es}
             todo = [g for g in ctx.groups if g.group_id not in kept]
             if not todo:
+                steal_for_idle(keep, ctx)
                 return Plan(queues=keep)
             queues, decision, forecasts = self.planner.plan(
                 ctx, now, todo, keep=keep, path_override="incremental"
@@ -85,6 +86,7 @@ class QlmPolicy:
             )
         else:
             queues, decision, forecasts = self.planner.plan(ctx, now)
+        steal_for_idle(queues, ctx)
         evictions = self._evictions(ctx, queues, forecasts, now) if self.evict else []
         return Plan(queues=queues, evictions=evictions, decision=decision)
 

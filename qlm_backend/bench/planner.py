@@ -1,0 +1,151 @@
+"""qlm-bench planner: planner decision time vs queued requests x instances, LP path and fallback
+separately (p50/p99), and how often the automatic choice took the LP.
+
+Each cell builds a QueueManager over a mixed fleet (A10 / A100 / H100 instances, 3 models), queues
+N requests of mixed models and classes with spread deadlines, and times GlobalPlanner.plan(), the
+whole decision (problem build, LP or heuristic, ordering and forecasting of every queue), on one
+core. Prints a table and writes JSON (default results/planner.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qlm_backend.core.api import ManagerConfig, QueueManager, parse_fleet
+from qlm_backend.core.planner import GlobalPlanner, SolverMode
+
+MODELS = ("mistral-7b", "llama-3-8b", "llama-2-13b")
+CLASSES = ("interactive", "batch-1", "batch-2")
+FULL_QUEUED = (100, 1_000, 10_000, 100_000)
+FULL_INSTANCES = (4, 64, 256)
+
+
+def make_fleet(n: int) -> Any:
+    gpus = ("A10", "A100-80G", "H100")
+    insts = []
+    for k in range(n):
+        gpu = gpus[k % 3]
+        models = ["mistral-7b", "llama-3-8b"] if gpu == "A10" else list(MODELS)
+        insts.append(
+            {
+                "instance_id": f"{gpu.lower()}-{k}",
+                "gpu": gpu,
+                "models_allowed": models,
+                "initial_model": models[k % len(models)],
+                "max_in_flight": 32,
+                "host": f"host-{k // 4}",
+            }
+        )
+    return parse_fleet({"instances": insts})
+
+
+def make_manager(queued: int, instances: int, seed: int = 1) -> QueueManager:
+    qm = QueueManager(make_fleet(instances), "qlm", ManagerConfig())
+    rng = random.Random(seed)
+    for j in range(queued):
+        cls = CLASSES[rng.randrange(3)]
+        arrival = -rng.uniform(0, 30.0)
+        qm.add_request(
+            qm.make_request(
+                f"r{j}", MODELS[rng.randrange(3)], cls, arrival, rng.randint(50, 2000), 1024
+            ),
+            0.0,
+        )
+    return qm
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def time_cell(qm: QueueManager, mode: SolverMode, reps: int, cap_s: float) -> dict[str, Any]:
+    planner = GlobalPlanner(solver=mode)
+    ctx = qm._context("bench")
+    times: list[float] = []
+    paths: dict[str, int] = {}
+    groups = 0
+    t_cell = time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        _, d, _ = planner.plan(ctx, 0.0)
+        times.append(time.perf_counter() - t0)
+        paths[d.path] = paths.get(d.path, 0) + 1
+        groups = d.groups
+        if time.perf_counter() - t_cell > cap_s:
+            break
+    return {
+        "p50_ms": statistics.median(times) * 1e3,
+        "p99_ms": pct(times, 0.99) * 1e3,
+        "runs": len(times),
+        "paths": paths,
+        "groups": groups,
+        "last_reason": d.reason,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="qlm-bench planner", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="reduced grid (100, 1k x 4, 64)")
+    ap.add_argument("--reps", type=int, default=30, help="plans per cell (capped by time)")
+    ap.add_argument("--cap-s", type=float, default=8.0, help="wall cap per cell and path")
+    ap.add_argument("--out", default="results/planner.json")
+    ap.add_argument("--queued", type=int, nargs="*", help="override the queued-request grid")
+    ap.add_argument("--instances", type=int, nargs="*", help="override the instance grid")
+    args = ap.parse_args(argv)
+    queued = args.queued or ((100, 1_000) if args.quick else FULL_QUEUED)
+    instances = args.instances or ((4, 64) if args.quick else FULL_INSTANCES)
+    rows = []
+    total = len(queued) * len(instances)
+    k = 0
+    for n_inst in instances:
+        for n_q in queued:
+            k += 1
+            print(
+                f"[{k}/{total}] {n_q} queued x {n_inst} instances ...", file=sys.stderr, flush=True
+            )
+            qm = make_manager(n_q, n_inst)
+            reps = max(3, args.reps if n_q <= 10_000 else args.reps // 3)
+            row: dict[str, Any] = {"queued": n_q, "instances": n_inst}
+            for mode in ("auto", "lp", "fallback"):
+                row[mode] = time_cell(qm, mode, reps, args.cap_s)
+            row["groups"] = row["auto"]["groups"]
+            rows.append(row)
+    hdr = (
+        f"{'queued':>7} {'inst':>4} {'groups':>6} | {'decision p50':>12} {'p99':>7} "
+        f"{'LP/fb':>7} | {'LP p50':>8} {'p99':>8} | {'fallback p50':>12} {'p99':>7}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        a, lp, fb = r["auto"], r["lp"], r["fallback"]
+        split = f"{a['paths'].get('lp', 0)}/{a['paths'].get('fallback', 0)}"
+        print(
+            f"{r['queued']:>7} {r['instances']:>4} {r['groups']:>6} | "
+            f"{a['p50_ms']:>10.1f}ms {a['p99_ms']:>5.1f}ms {split:>7} | "
+            f"{lp['p50_ms']:>6.1f}ms {lp['p99_ms']:>6.1f}ms | "
+            f"{fb['p50_ms']:>10.1f}ms {fb['p99_ms']:>5.1f}ms"
+        )
+    goal = [r for r in rows if r["queued"] == 10_000 and r["instances"] == 256]
+    if goal:
+        g = goal[0]["auto"]
+        print(
+            f"goal 10k queued x 256 instances: decision p99 {g['p99_ms']:.1f} ms "
+            f"(target <= 20 ms): {'met' if g['p99_ms'] <= 20 else 'NOT met'}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"budget_s": ManagerConfig().plan_budget_s, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
