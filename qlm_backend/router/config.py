@@ -13,6 +13,13 @@ Keys (all optional but the policy has a default too):
   forward_priority     pass the class priority to engines (vLLM priority scheduling)
   load_timeout_s       a model load that takes longer fails the instance
   max_prompt_bytes     request size cap on text_input
+  admin_key_env        environment variable holding the model-repository key (restricted API)
+  admin_header         header of that key (gRPC metadata `triton-grpc-protocol-<admin_header>`)
+  engine_backend       what the engine models are: "sim" (simulated; loads carry a config override
+                       with the warm/cold load mode), "qlm-vllm" (our real vLLM engine model: plain
+                       loads, takes `priority`), "vllm" (Triton's vllm_backend: plain loads, no
+                       `priority` input)
+  instance_backends    {instance_id: backend} overrides of engine_backend (mixed fleets)
   manager              overrides of the core's ManagerConfig fields
 """
 
@@ -29,6 +36,7 @@ from qlm_backend.core.config import ManagerConfig
 from qlm_backend.core.policies import validate_policy_name
 
 CONFIG_FILE = "router.json"
+ENGINE_BACKENDS = ("sim", "qlm-vllm", "vllm")
 GRPC_URL_ENV = "QLM_GRPC_URL"  # set by qlm-serve / TritonServer: this server's own gRPC address
 
 
@@ -52,10 +60,24 @@ class RouterConfig:
     forward_priority: bool = True
     load_timeout_s: float = 600.0
     max_prompt_bytes: int = 1 << 20
+    admin_key_env: str = "QLM_ADMIN_KEY"
+    admin_header: str = "qlm-admin-key"
+    engine_backend: str = "sim"
+    instance_backends: Mapping[str, str] = field(default_factory=dict)
     manager: Mapping[str, Any] = field(default_factory=dict)
 
     def local_url(self) -> str:
         return self.engine_url or os.environ.get(GRPC_URL_ENV, "127.0.0.1:8001")
+
+    def admin_key(self) -> str | None:
+        return os.environ.get(self.admin_key_env) or None
+
+    def admin_headers(self) -> dict[str, str] | None:
+        key = self.admin_key()
+        return {f"triton-grpc-protocol-{self.admin_header}": key} if key else None
+
+    def backend_for(self, instance_id: str) -> str:
+        return self.instance_backends.get(instance_id, self.engine_backend)
 
     def url_for(self, instance_id: str) -> str:
         url = self.instance_servers.get(instance_id)
@@ -105,6 +127,13 @@ class RouterConfig:
             if not isinstance(url, str) or not url.startswith("grpc://"):
                 raise RouterConfigError(
                     f"instance_servers.{iid}", f"must be 'grpc://host:port', got {url!r}"
+                )
+        for where, backend in [("engine_backend", cfg.engine_backend)] + [
+            (f"instance_backends.{i}", b) for i, b in cfg.instance_backends.items()
+        ]:
+            if backend not in ENGINE_BACKENDS:
+                raise RouterConfigError(
+                    where, f"must be one of {', '.join(ENGINE_BACKENDS)}, got {backend!r}"
                 )
         cfg.manager_config()
         return cfg

@@ -144,21 +144,25 @@ def _engine_error(error: Any, model: str) -> EngineError:
 class EngineServer:
     """A Triton server holding engine models: streams, loads, unloads."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, admin_headers: dict[str, str] | None = None) -> None:
         self.url = url
         self.client = grpcaio.InferenceServerClient(url)
+        # The model repository API may be restricted (Triton's --grpc-restricted-protocol).
+        self.headers = admin_headers
 
     def stream(self, model: str, fields: dict[str, Any], request_id: str) -> EngineStream:
         return EngineStream(self.client, model, fields, request_id)
 
-    async def load(
-        self, model: str, parameters: dict[str, str], headers: dict[str, str] | None = None
-    ) -> None:
+    async def load(self, model: str, parameters: dict[str, str] | None = None) -> None:
+        """Load an engine model; `parameters` (simulated engines only) ride on a config override."""
+        if parameters is None:
+            await self.client.load_model(model, headers=self.headers)
+            return
         config = json.dumps(engine_config_dict(model, parameters))
-        await self.client.load_model(model, config=config, headers=headers)
+        await self.client.load_model(model, config=config, headers=self.headers)
 
-    async def unload(self, model: str, headers: dict[str, str] | None = None) -> None:
-        await self.client.unload_model(model, headers=headers)
+    async def unload(self, model: str) -> None:
+        await self.client.unload_model(model, headers=self.headers)
 
     async def is_ready(self, model: str) -> bool:
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import signal
 import sys
 import time
@@ -12,7 +14,7 @@ from types import FrameType
 
 from qlm_backend.triton.installation import TritonNotFound, default_cache_dir, find_triton
 from qlm_backend.triton.repository import engine_model_name
-from qlm_backend.triton.server import PortInUse, TritonServer
+from qlm_backend.triton.server import ADMIN_HEADER, ADMIN_KEY_ENV, PortInUse, TritonServer
 
 FLEET_FILE = "fleet.json"
 ROUTER_MODEL = "qlm"
@@ -64,6 +66,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--log-file", type=Path, default=None, help="server log (default: stdout)")
     p.add_argument("--triton", choices=("auto", "system", "pytriton"), default="auto")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    p.add_argument(
+        "--admin-key",
+        default=os.environ.get(ADMIN_KEY_ENV),
+        help=f"key of the restricted model repository API (default: ${ADMIN_KEY_ENV}, else a random key "
+        "per run that only the router holds)",
+    )
+    p.add_argument(
+        "--open-repository-api",
+        action="store_true",
+        help="do not restrict the model repository API (development only)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     return p.parse_args(argv)
 
@@ -91,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             log_verbose=a.log_verbose,
             log_path=a.log_file,
             installation=inst,
+            admin_key=None if a.open_repository_api else (a.admin_key or secrets.token_urlsafe(24)),
         )
         if a.dry_run:
             print(" ".join(server.command()))
@@ -127,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  HTTP     http://{host}:{server.http_port}\n"
         f"  gRPC     {host}:{server.grpc_port}\n"
         f"  metrics  http://{host}:{server.metrics_port}/metrics\n"
-        f"  models   {', '.join(loads)}\n\n"
+        f"  models   {', '.join(loads)}\n"
+        f"  model repository API: {'open' if not server.admin_key else 'restricted (header ' + repr(ADMIN_HEADER) + '; key in $' + ADMIN_KEY_ENV + ' or --admin-key)'}\n\n"
         "Try:\n"
         + router_hint
         + f"  curl -N http://{host}:{server.http_port}/v2/models/{eng}/generate_stream "

@@ -106,7 +106,8 @@ class RouterModel:
         self._runner = self.loop.submit(self._run())
         self.logger.log_info(
             f"{self.name}: policy {self.cfg.policy}, {len(self.fleet.instances)} instances, "
-            f"models {sorted(self.models)}, engines at {self.cfg.local_url()}"
+            f"models {sorted(self.models)}, engines at {self.cfg.local_url()}, "
+            f"repository API key {'set' if self.cfg.admin_key() else 'not set'}"
         )
 
     # --- Triton entry points ------------------------------------------------------------------
@@ -147,7 +148,7 @@ class RouterModel:
         url = self.cfg.url_for(instance_id)
         srv = self._servers.get(url)
         if srv is None:
-            srv = self._servers[url] = EngineServer(url)
+            srv = self._servers[url] = EngineServer(url, self.cfg.admin_headers())
         return srv
 
     def _wakeup(self) -> None:
@@ -264,7 +265,8 @@ class RouterModel:
         for flag in ("return_cumulative_logprob", "return_logprobs", "return_num_input_tokens"):
             if flag in p.returns:
                 fields[flag] = True
-        if self.cfg.forward_priority:
+        # Triton's vllm_backend has no `priority` input (its PR is unmerged): sending one is an error.
+        if self.cfg.forward_priority and self.cfg.backend_for(st.instance or "") != "vllm":
             fields["priority"] = int(priority)
         return fields
 
@@ -382,6 +384,13 @@ class RouterModel:
                 send_error(st.sender, "Request was cancelled", "cancelled")
 
     # --- model control ------------------------------------------------------------------------
+    def _load_params(self, instance: str, warm: bool) -> dict[str, str] | None:
+        # Simulated engines take the load mode in a config override; real engines load as configured
+        # (their warm start is the engine's own business, e.g. vLLM sleep mode).
+        if self.cfg.backend_for(instance) != "sim":
+            return None
+        return {"load_mode": "warm" if warm else "cold"}
+
     async def _swap(self, a: SwapModel) -> None:
         srv = self._server(a.instance_id)
         try:
@@ -422,13 +431,14 @@ class RouterModel:
                 try:
                     if not await srv.is_ready(name):
                         await asyncio.wait_for(
-                            srv.load(name, {"load_mode": "cold"}), timeout=self.cfg.load_timeout_s
+                            srv.load(name, self._load_params(instance, warm=False)),
+                            timeout=self.cfg.load_timeout_s,
                         )
                     self.qm.on_model_loaded(instance, model, self._now())
                     self.logger.log_info(f"{self.name}: instance {instance} recovered with {model}")
                     return
                 except Exception as e:  # noqa: BLE001 - keep trying, slower
-                    self.logger.log_warn(f"{self.name}: instance {instance} still failing: {e!r}")
+                    self.logger.log_warn(f"{self.name}: instance {instance} still failing: {e}")
                     delay = min(delay * 2, 30.0)
         finally:
             self._loading.pop(instance, None)

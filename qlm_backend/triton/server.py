@@ -35,6 +35,18 @@ class PortInUse(RuntimeError):
     pass
 
 
+# The model repository API (index, load, unload) is restricted to holders of this key: clients send
+# the header `qlm-admin-key` over HTTP and `triton-grpc-protocol-qlm-admin-key` over gRPC.
+ADMIN_HEADER = "qlm-admin-key"
+ADMIN_KEY_ENV = "QLM_ADMIN_KEY"
+
+
+def admin_headers(key: str | None, protocol: str = "grpc") -> dict[str, str] | None:
+    if not key:
+        return None
+    return {(f"triton-grpc-protocol-{ADMIN_HEADER}" if protocol == "grpc" else ADMIN_HEADER): key}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -64,6 +76,8 @@ class TritonServer:
     log_path: Path | None = None
     installation: TritonInstallation | None = None
     exit_on_error: bool = False
+    # When set, the model repository API needs this key (the router holds it, clients do not).
+    admin_key: str | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _log: IO[bytes] | None = field(default=None, init=False)
 
@@ -111,6 +125,9 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             *BASE_FLAGS,
         ]
+        if self.admin_key:
+            restrict = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
+            args += [f"--http-restricted-api={restrict}", f"--grpc-restricted-protocol={restrict}"]
         args += [f"--load-model={m}" for m in self.load_models]
         args += list(self.extra_args)
         return args
@@ -128,6 +145,10 @@ class TritonServer:
         env = dict(self.installation.env)
         # The router dispatches to this server's engines over its own gRPC port (router/config.py).
         env["QLM_GRPC_URL"] = self.grpc_url
+        if self.admin_key:
+            env[ADMIN_KEY_ENV] = self.admin_key
+        else:
+            env.pop(ADMIN_KEY_ENV, None)
         self.proc = subprocess.Popen(
             cmd,
             env=env,

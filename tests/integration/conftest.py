@@ -21,6 +21,7 @@ from qlm_backend.triton.server import TritonServer
 ROOT = Path(__file__).resolve().parents[2]
 REPO = ROOT / "model_repository"
 TIME_SCALE = 0.1
+ADMIN_KEY = "test-admin-key"  # the model repository API is restricted, as in the shipped deployment
 
 TEST_FLEETS = {
     "qlm-test": {
@@ -78,7 +79,9 @@ def build_repository(dst: Path) -> list[str]:
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     base = tmp_path_factory.mktemp("triton")
     loads = build_repository(base / "repo")
-    server = TritonServer(base / "repo", load_models=loads, log_path=base / "server.log")
+    server = TritonServer(
+        base / "repo", load_models=loads, log_path=base / "server.log", admin_key=ADMIN_KEY
+    )
     server.start(timeout_s=120)
     try:
         yield server

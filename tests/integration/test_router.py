@@ -14,8 +14,10 @@ import urllib.request
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
-from conftest import TIME_SCALE
+from conftest import ADMIN_KEY, TIME_SCALE
 from streams import TimedStream, grpc_stream, http_post, metric_value, sse_events, timed_stream
+
+from qlm_backend.triton.server import admin_headers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -157,7 +159,9 @@ def test_request_for_an_absent_model_swaps_it_in_cold_and_back_warm(triton):
     def ready(name: str) -> bool:
         return any(
             m["name"] == name and m.get("state") == "READY"
-            for m in client.get_model_repository_index(as_json=True)["models"]
+            for m in client.get_model_repository_index(
+                headers=admin_headers(ADMIN_KEY), as_json=True
+            )["models"]
         )
 
     assert ready("llama-2-13b__q-a100-0") and not ready("llama-3-8b__q-a100-0")
@@ -250,7 +254,7 @@ def test_engine_unloaded_mid_stream_requeues_and_the_request_completes(triton):
             timed_stream(client, "qlm-test", router_fields("mistral-7b", 60, "batch-1"), s)
         )
         await asyncio.sleep(0.5)
-        await client.unload_model("mistral-7b__q-a10-0")
+        await client.unload_model("mistral-7b__q-a10-0", headers=admin_headers(ADMIN_KEY))
         await task
         await client.close()
         return s
@@ -366,3 +370,20 @@ def test_metrics_endpoint_shows_the_router_metrics(triton):
         )
         is not None
     )
+
+
+def test_model_repository_api_refuses_clients_without_the_key(triton):
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    with pytest.raises(Exception, match="(?i)restricted|permission|unavailable|denied|not allowed"):
+        client.unload_model("mistral-7b__a10-0")
+    status, body = http_post(triton.http_url, "/v2/repository/models/mistral-7b__a10-0/unload", {})
+    assert status in (401, 403), (status, body)
+    # ... while the router, which holds the key, still swaps models (test_request_for_an_absent_model...)
+    # and serving is unaffected.
+    res = grpc_stream(
+        triton.grpc_url,
+        "mistral-7b__a10-0",
+        {"text_input": "still here", "sampling_parameters": '{"max_tokens": 2}'},
+    )
+    assert res.error is None
+    client.close()
