@@ -173,7 +173,9 @@ def router_settings(fleet: FleetConfig, pl: Mapping[str, Placement]) -> dict[str
         "fleet": "fleet.json",
         "default_slo_class": "interactive",
         "instance_servers": remote,
-        # vllm_backend has no `priority` input: sending one fails every request.
+        # Triton's vllm_backend engines: plain loads (no config override) and no `priority` input,
+        # which vllm_backend lacks (sending one fails every request).
+        "engine_backend": "vllm",
         "forward_priority": False,
         # A cold 70B load (140 GB read, TP4 start) takes minutes.
         "load_timeout_s": 1800.0,
