@@ -9,7 +9,11 @@ Model (QLM paper, section on the RWT estimator, made concrete for continuous bat
   part of its prefill iteration that stalls the batch.
 - A queued request starts when a slot frees: with k requests ahead (in flight or queued before it)
   and k >= B, after the work ahead W minus what the other B-1 slots still hold at that moment
-  (B-1 renewal residuals, w(1+cv^2)/2 each). Its first token follows one prefill later.
+  (SlotClock). What they hold comes from the requests AHEAD, not from the one waiting: an in-flight
+  request holds its own remaining work, draining at one token per step, so it frees its slot at
+  remaining tokens x step (all B slots stay busy until the first of them ends); a queued request
+  that started in the meantime holds a renewal residual, w(1+cv^2)/2 of its own work w. Its first
+  token follows one prefill later.
 - O is random: per (model, class) a mean and variance (EWMA-learnt from observed outputs, starting
   from configured priors). W is a sum over many requests, so by the Central Limit Theorem it is
   near-normal with the summed mean and variance; P(meet) = Phi((deadline - t_ft) / sigma).
@@ -19,6 +23,7 @@ Model (QLM paper, section on the RWT estimator, made concrete for continuous bat
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -88,6 +93,87 @@ class GroupForecast:
     p_meet: float  # mean over its requests of P(first token by deadline)
     expected_violations: float  # weighted: weight x n x (1 - p_meet)
     swap_before: bool  # a model swap precedes it on this queue
+
+
+class SlotClock:
+    """When the q-th queued request of one model segment of a virtual queue gets a slot.
+
+    The instance runs B requests at once and serves one instance-second of work per second, shared
+    by its B slots. Work conservation: a request starts at the time t where the work ahead of it,
+    W, minus what the B-1 other slots still hold at t, has been served, i.e. t = W - H(t).
+    H(t) comes from the population ahead of the request:
+    - in-flight request i (remaining r_i instance-seconds, i.e. B r_i seconds of its slot) still
+      holds r_i - t/B until it ends at B r_i (its remaining length is taken at its mean: the slot is
+      busy until then, which is what makes a queue behind long-running work wait);
+    - the other slots hold the latest queued requests that started, each with its renewal residual
+      rho = w(1+cv^2)/2 (a random phase: queued requests start when others happen to end).
+    t + H(t) - W increases with t (slope 1 - a/B > 0 between in-flight ends, jumps up at them), so
+    the root is found by walking the in-flight ends in order. Without in-flight work this is
+    t = W - (B-1) rho, the renewal form, with rho of the requests just ahead.
+    """
+
+    __slots__ = ("b", "_ends", "_suffix", "_cum_n", "_cum_rho", "_rho")
+
+    def __init__(self, batch: int, inflight_remaining: Sequence[float] = ()) -> None:
+        self.b = max(1, batch)
+        r = sorted(inflight_remaining)
+        self._ends = [self.b * x for x in r]  # seconds from the segment start each slot frees
+        suffix = [0.0] * (len(r) + 1)
+        for i in range(len(r) - 1, -1, -1):
+            suffix[i] = suffix[i + 1] + r[i]
+        self._suffix = suffix  # work still held by in-flight requests i.. at t = 0
+        self._cum_n: list[int] = [0]  # queued requests before each block
+        self._cum_rho: list[float] = [0.0]  # summed residuals before each block
+        self._rho: list[float] = []  # residual per request of each block
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._ends)
+
+    def push(self, n: int, residual: float) -> None:
+        """Append n queued requests (one queue entry) with this residual each."""
+        self._cum_n.append(self._cum_n[-1] + n)
+        self._cum_rho.append(self._cum_rho[-1] + n * residual)
+        self._rho.append(residual)
+
+    def _prefix(self, x: int) -> float:
+        """Summed residuals of the first x queued requests."""
+        if x <= 0:
+            return 0.0
+        j = bisect.bisect_right(self._cum_n, x) - 1
+        if j >= len(self._rho):
+            return self._cum_rho[-1]
+        return self._cum_rho[j] + (x - self._cum_n[j]) * self._rho[j]
+
+    def _held(self, q: int, m: int) -> float:
+        """Residuals of the m queued requests just before queued position q."""
+        return self._prefix(q) - self._prefix(q - m) if m > 0 else 0.0
+
+    def start(self, q: int, work_ahead: float) -> float:
+        """Seconds from the segment start until queued position q (0 = first) gets a slot, with
+        `work_ahead` instance-seconds (in flight + queued before it) ahead of it."""
+        b, ends, nf = self.b, self._ends, len(self._ends)
+        if nf + q < b:
+            return 0.0  # a slot is free now
+        # Fast path: the root lies after every in-flight request has ended.
+        t0 = ends[-1] if ends else 0.0
+        held = self._held(q, min(q, b - 1))
+        if t0 + held < work_ahead:
+            return work_ahead - held
+        # Piece p: in-flight requests p.. still run (a = nf - p of them); only pieces where at most
+        # b - 1 of them run can see this request start.
+        for p in range(max(0, nf - (b - 1)), nf + 1):
+            a = nf - p
+            lo = ends[p - 1] if p > 0 else 0.0
+            hi = ends[p] if p < nf else math.inf
+            base = self._suffix[p] + self._held(q, min(q, b - 1 - a))
+            slope = 1.0 - a / b
+            if lo * slope + base >= work_ahead:
+                return lo  # it starts as the slot ending this piece's left edge frees
+            t = (work_ahead - base) / slope
+            if t <= hi:
+                return t
+        return max(0.0, work_ahead - held)  # pragma: no cover - the last piece is unbounded
 
 
 class RwtEstimator:
@@ -231,7 +317,7 @@ class RwtEstimator:
         c = prof.token_cost_s
         return n * (m * c + prof.prefill_stall_s), n * v * c * c
 
-    def inflight_backlog(
+    def inflight_remaining(
         self,
         inst: InstanceState,
         requests: Mapping[str, RequestState],
@@ -239,9 +325,10 @@ class RwtEstimator:
         now: float,
         *,
         oracle: bool = False,
-    ) -> tuple[int, float, float]:
-        """(count, mean, variance) of the instance-seconds still owed to in-flight requests."""
-        w = v = 0.0
+    ) -> tuple[list[float], float]:
+        """Instance-seconds still owed to each in-flight request (means), and their summed variance."""
+        out: list[float] = []
+        v = 0.0
         c = prof.token_cost_s
         for rid in inst.in_flight:
             st = requests[rid]
@@ -255,9 +342,43 @@ class RwtEstimator:
                 m, var_o = self.output_stats(r.model, r.slo_class)
                 # Memory of a long-tailed length: past the mean, a quarter of the mean is left.
                 rem = min(max(1.0, r.max_tokens - done), max(m - done, 0.25 * m))
-            w += rem * c + (prof.prefill_stall_s if st.first_token_s is None else 0.0)
+            out.append(rem * c + (prof.prefill_stall_s if st.first_token_s is None else 0.0))
             v += var_o * c * c
-        return len(inst.in_flight), w, v
+        return out, v
+
+    def inflight_backlog(
+        self,
+        inst: InstanceState,
+        requests: Mapping[str, RequestState],
+        prof: ServiceProfile,
+        now: float,
+        *,
+        oracle: bool = False,
+    ) -> tuple[int, float, float]:
+        """(count, mean, variance) of the instance-seconds still owed to in-flight requests."""
+        rem, v = self.inflight_remaining(inst, requests, prof, now, oracle=oracle)
+        return len(rem), sum(rem), v
+
+    def first_slot_s(
+        self,
+        inst: InstanceState,
+        requests: Mapping[str, RequestState],
+        now: float,
+        *,
+        oracle: bool = False,
+        bound: int | None = None,
+    ) -> float:
+        """Seconds from now until the instance can start one more request of the model it runs or
+        loads (the same slot model as forecast_queue; inf when unhealthy)."""
+        if not inst.healthy:
+            return math.inf
+        if inst.loading is not None:
+            return max(0.0, inst.ready_s - now)
+        if inst.model is None or not inst.in_flight:
+            return 0.0
+        prof = self.profile(inst.model, inst.spec, bound)
+        rem, _ = self.inflight_remaining(inst, requests, prof, now, oracle=oracle)
+        return SlotClock(prof.batch, rem).start(0, sum(rem))
 
     def load_s(self, model: str, spec: InstanceSpec, warm: bool) -> float:
         p = self.profile(model, spec)
@@ -291,12 +412,15 @@ class RwtEstimator:
         cursor = now
         seg_model = inst.model
         k_ahead, work, var = 0, 0.0, 0.0
+        clock: SlotClock | None = None  # slot model of the current model segment
         if inst.loading is not None:
             seg_model = inst.loading
             cursor = max(now, inst.ready_s)
         elif inst.model is not None:
             prof = self.profile(inst.model, spec, bound)
-            k_ahead, work, var = self.inflight_backlog(inst, ctx.requests, prof, now, oracle=oracle)
+            rem, var = self.inflight_remaining(inst, ctx.requests, prof, now, oracle=oracle)
+            k_ahead, work = len(rem), sum(rem)
+            clock = SlotClock(prof.batch, rem)
         floor = self.config.rel_std_floor
         for e in entries:
             rids = e.request_ids
@@ -310,8 +434,10 @@ class RwtEstimator:
                 warm = ctx.warm.is_warm(spec.host, model)
                 cursor += work + self.load_s(model, spec, warm)
                 work, k_ahead, seg_model = 0.0, 0, model
+                clock = None
             prof = self.profile(model, spec, bound)
-            b = prof.batch
+            if clock is None:
+                clock = SlotClock(prof.batch)
             # Fast path: fresh requests of one (model, class) share one work distribution; only
             # resumed requests (and the oracle's known lengths) need a per-request sum.
             works: list[tuple[float, float]] | None = None
@@ -322,7 +448,9 @@ class RwtEstimator:
             else:
                 w_mean, w_var = self.group_work(model, cls.name, 1, prof)
             cv2 = w_var / (w_mean * w_mean) if w_mean > 0 else 0.0
-            residual = 0.5 * w_mean * (1.0 + cv2)
+            # This entry's requests hold slots for the ones behind them (and for its own later ones).
+            q0 = k_ahead - clock.in_flight
+            clock.push(n, 0.5 * w_mean * (1.0 + cv2))
             probe = sorted({0, (n - 1) // 2, n - 1})
             ps: list[float] = []
             fts: list[float] = []
@@ -333,9 +461,7 @@ class RwtEstimator:
                 else:
                     cum_w = sum(x[0] for x in works[:j])
                     cum_v = sum(x[1] for x in works[:j])
-                k = k_ahead + j
-                wj = work + cum_w
-                start = cursor if k < b else cursor + max(0.0, wj - (b - 1) * residual)
+                start = cursor + clock.start(q0 + j, work + cum_w)
                 ft = start + prof.prefill_first_s
                 std = math.sqrt(var + cum_v + (floor * (ft - now)) ** 2 + 1e-9)
                 dl = ctx.requests[rids[j]].req.deadline_s
@@ -364,4 +490,11 @@ class RwtEstimator:
         return out
 
 
-__all__ = ["Ewma", "GroupForecast", "RwtEstimator", "ServiceProfile", "normal_cdf"]
+__all__ = [
+    "Ewma",
+    "GroupForecast",
+    "RwtEstimator",
+    "ServiceProfile",
+    "SlotClock",
+    "normal_cdf",
+]

@@ -58,11 +58,8 @@ def build_problem(
         if inst.loading is not None:
             base[j] = max(0.0, inst.ready_s - now)
         elif inst.model is not None and inst.in_flight:
-            prof = est.profile(inst.model, inst.spec)
-            cnt, w, v = est.inflight_backlog(inst, ctx.requests, prof, now, oracle=oracle)
-            if cnt >= prof.batch:
-                res = 0.5 * (w / cnt) * (1.0 + (v / cnt) / max(1e-12, (w / cnt) ** 2))
-                base[j] = max(0.0, w - (prof.batch - 1) * res)
+            # When the first slot frees (the estimator's slot model, so plan and forecast agree).
+            base[j] = est.first_slot_s(inst, ctx.requests, now, oracle=oracle)
         if extra_base_s:
             base[j] += extra_base_s.get(inst.instance_id, 0.0)
     G = len(groups)

@@ -54,9 +54,8 @@ class QlmPolicy:
             if (inst.loading or inst.model) != req.model:
                 warm = ctx.warm.is_warm(inst.spec.host, req.model)
                 t += prof.load_warm_s if warm else prof.load_cold_s
-            elif inst.model is not None and len(inst.in_flight) >= prof.batch:
-                cnt, w, _ = est.inflight_backlog(inst, ctx.requests, prof, now)
-                t += max(0.0, w - (prof.batch - 1) * 0.5 * w / max(1, cnt))
+            elif inst.model is not None:
+                t += est.first_slot_s(inst, ctx.requests, now)
             t += prof.prefill_first_s
             best = max(best, p_meet_at(req.deadline_s, t, now, ctx.config.rel_std_floor))
             if best >= ctx.config.shed_p_threshold:

@@ -153,6 +153,108 @@ def test_eviction_of_lower_class_for_urgent_interactive() -> None:
     assert qm.request_view(ev[0].request_id).tokens_done == 50
 
 
+def _four_busy_slots(**policy_kwargs: object) -> QueueManager:
+    # The router's eviction scenario: mistral-7b on one A10 with 4 slots, 4 batch-1 requests of
+    # max_tokens 400 running since t=0.1 (prior: 256 +- 256 output tokens), an interactive request
+    # with a 1.5 s TTFT SLO arriving at t=4.
+    fleet = parse_fleet(
+        {
+            "instances": [
+                {
+                    "instance_id": "q-a10-0",
+                    "gpu": "A10",
+                    "models_allowed": ["mistral-7b"],
+                    "initial_model": "mistral-7b",
+                    "max_in_flight": 4,
+                }
+            ]
+        }
+    )
+    qm = QueueManager(fleet, "qlm", **policy_kwargs)
+    for i in range(4):
+        qm.add_request(qm.make_request(f"b{i}", "mistral-7b", "batch-1", 0.0, 4, 400), 0.0)
+    assert [a for a in qm.plan(0.0) if isinstance(a, Pull)][0].request_ids == (
+        "b0",
+        "b1",
+        "b2",
+        "b3",
+    )
+    for i in range(4):
+        qm.on_first_token(f"b{i}", 0.1)
+    u = qm.make_request("u", "mistral-7b", "interactive", 4.0, 4, 4, ttft_slo_s=1.5)
+    assert qm.add_request(u, 4.0) is None
+    return qm
+
+
+def test_predicted_wait_behind_busy_slots_comes_from_the_requests_ahead() -> None:
+    # Each batch request has ~120 tokens done at t=4 and, by the prior, ~136 left at 32.5 ms per
+    # step (batch 4): no slot frees for ~4.4 s. The old forecast used the queued request's own
+    # renewal residual (0.5 x 256 tokens x 2 per slot, more than all the work ahead) and said "a slot
+    # now" (0.05 s); the wait must be the time until the first in-flight request ends.
+    qm = _four_busy_slots(evict=False)
+    assert qm.plan(4.0) == []
+    (stat,) = qm.queue_stats(4.0)
+    assert stat.slo_class == "interactive"
+    assert 3.5 < stat.predicted_wait_s < 5.5, stat
+
+
+def test_eviction_when_every_slot_is_busy() -> None:
+    # Same scenario with eviction on. Expected at t=4.0, in one plan step: the forecast first token
+    # (~8.5 s) misses the 5.5 s deadline (P(meet) ~0.24 < evict_p_threshold 0.5) and a free slot would
+    # give ~4.05 s (P ~1, gain > evict_gain_min), so one batch request is evicted (b0: ties on
+    # remaining work break by id) and the urgent one pulled into its slot.
+    qm = _four_busy_slots()
+    acts = qm.plan(4.0)
+    assert [type(a).__name__ for a in acts] == ["Evict", "Pull"], acts
+    ev, pull = acts
+    assert isinstance(ev, Evict) and isinstance(pull, Pull)
+    assert (ev.request_id, ev.instance_id) == ("b0", "q-a10-0")
+    assert (pull.instance_id, pull.request_ids) == ("q-a10-0", ("u",))
+    # The evicted request resumes later; nothing more is evicted: u is in, the rest is batch-1 (no
+    # lower class to take from), and the per-instance cooldown would hold anyway.
+    qm.on_evicted("b0", 130, 4.05)
+    for t in (4.05, 4.2, 4.4, 5.0, 6.5):
+        acts = qm.plan(t)
+        assert not [a for a in acts if isinstance(a, Evict)], (t, acts)
+    assert qm.request_view("b0").status == "queued"
+    check_invariants(qm)
+
+
+def test_eviction_cannot_thrash_cooldown_and_per_request_cap() -> None:
+    # Interactive requests keep arriving behind the 4 busy batch slots, one every 0.5 s, each done
+    # 0.5 s after its pull; evicted batch requests queue again and are pulled back into freed slots.
+    # Evictions happen in at most one plan step per evict_cooldown_s (2 s) on the instance, and no
+    # request is evicted more than max_evictions_per_request (2) times.
+    qm = _four_busy_slots()
+    evict_times: list[float] = []
+    evicted: dict[str, int] = {}
+    running_u: list[str] = []
+    t = 4.0
+    for k in range(40):
+        for rid in running_u:
+            qm.on_finished(rid, 4, t)
+        running_u = []
+        if k:
+            r = qm.make_request(f"u{k}", "mistral-7b", "interactive", t, 4, 4, ttft_slo_s=1.5)
+            qm.add_request(r, t)
+        for a in qm.plan(t):
+            if isinstance(a, Evict):
+                evict_times.append(t)
+                evicted[a.request_id] = evicted.get(a.request_id, 0) + 1
+                qm.on_evicted(a.request_id, 150, t)
+            elif isinstance(a, Pull):
+                for rid in a.request_ids:
+                    qm.on_first_token(rid, t + 0.05)
+                    if rid.startswith("u"):
+                        running_u.append(rid)
+        t += 0.5
+        check_invariants(qm)
+    steps = sorted(set(evict_times))
+    assert steps, "no eviction at all"
+    assert all(b - a >= 2.0 for a, b in zip(steps, steps[1:], strict=False)), steps
+    assert max(evicted.values()) <= 2, evicted
+
+
 def test_shedding_rejects_impossible_sheddable_only() -> None:
     # The only instance runs mistral; a llama request due in 5 s needs a ~30 s cold load.
     qm = QueueManager(make_fleet(n=1, models=("mistral-7b", "llama-2-13b")), "qlm")
