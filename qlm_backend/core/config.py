@@ -50,6 +50,10 @@ class ManagerConfig:
     evict_gain_min: float = 0.2  # ... only if eviction raises its P(meet) by at least this
     evict_cooldown_s: float = 2.0  # per instance: no new eviction within this time (anti-thrash)
     max_evictions_per_request: int = 2
+    # Whether an eviction may resume by KV swap (the engine keeps the KV cache in host memory). An
+    # executor that carries out every Evict as an abort (the KV is gone) sets False, so every Evict
+    # says resume="recompute" and its accounting matches what really happens.
+    kv_swap_resume: bool = True
     # A swap away from a model with queued work happens only if the plan that swaps beats the one
     # that keeps the incumbent by this many weighted violations (hysteresis, DESIGN.md section 8:
     # 5 models on 3 slots thrashed 692 times without it).

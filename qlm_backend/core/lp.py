@@ -18,7 +18,10 @@ bottleneck (32 ms at 1,600 columns vs 2 ms with highspy).
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -215,9 +218,58 @@ def build_matrix(p: Problem, ends: np.ndarray, swap_penalty: float, rel_std: flo
     )
 
 
+_banner_silenced = False
+
+
+def _flush_c_stdio() -> None:
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # pragma: no cover - no C runtime handle (not Linux/macOS)
+        pass
+
+
+def silence_highs_banner() -> None:
+    """HiGHS (1.16) prints "Running HiGHS ... Copyright" on stdout when the first solver object of
+    the process is constructed, whatever output_flag says later (the option is only settable once
+    the object exists), so it landed in the router's server log and in CLI tables. The core builds
+    that first object itself with file descriptor 1 on /dev/null; later objects print nothing.
+    Idempotent and cheap after the first call; both solve paths (highspy and PuLP's HiGHS, which
+    constructs a highspy.Highs too) call it, so no caller has to."""
+    global _banner_silenced
+    if _banner_silenced:
+        return
+    _banner_silenced = True
+    try:
+        import highspy
+    except ImportError:  # pragma: no cover - the solver is a dependency; nothing to silence
+        return
+    # Pending output of Python and of C stdio goes to the real stdout first; only the banner is
+    # written while fd 1 points at /dev/null (it sits in C stdio's buffer when stdout is not a
+    # terminal, hence the flush before restoring).
+    try:
+        sys.stdout.flush()
+    except (AttributeError, ValueError):  # pragma: no cover - stdout replaced or closed
+        pass
+    _flush_c_stdio()
+    try:
+        saved = os.dup(1)
+    except OSError:  # pragma: no cover - no fd 1 at all: nothing can be printed either
+        highspy.Highs()
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            highspy.Highs()
+            _flush_c_stdio()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def solve_highspy(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | None, float]:
     import highspy
 
+    silence_highs_banner()
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)
@@ -278,6 +330,7 @@ def to_pulp(m: LpModel) -> tuple[Any, list[Any]]:
 def solve_pulp(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | None, float]:
     import pulp
 
+    silence_highs_banner()
     prob, xs = to_pulp(m)
     solver = pulp.HiGHS(msg=False, timeLimit=max(1e-3, time_limit_s), threads=1)
     prob.solve(solver)
@@ -374,6 +427,7 @@ __all__ = [
     "build_matrix",
     "estimate_size",
     "round_solution",
+    "silence_highs_banner",
     "solve_highspy",
     "solve_lp",
     "solve_pulp",

@@ -40,7 +40,7 @@ def choose_resume(st: RequestState, iid: str, ctx: PlanContext, now: float) -> R
     inst = ctx.instances[iid]
     model = st.req.model
     perf = ctx.estimator.perf(model, inst.spec)
-    if perf is None:
+    if perf is None or not ctx.config.kv_swap_resume:
         return "recompute"
     done = st.tokens_done
     if st.first_token_s is not None:

@@ -318,3 +318,39 @@ def test_qlm_beats_fcfs_on_head_of_line_blocking() -> None:
         res[pol] = cl.attainment("interactive")
     assert res["qlm"] >= res["fcfs"]
     assert res["qlm"] >= 0.9, res
+
+
+def test_no_highs_banner_on_stdout() -> None:
+    # HiGHS prints its banner once per process, at the first solver object: a fresh interpreter
+    # solves one LP through each formulation (PuLP for a small one, highspy's matrix API when forced)
+    # and its stdout must hold only what the script printed, in order, the unflushed line included.
+    import subprocess
+    import sys
+
+    script = """
+import sys
+sys.path.insert(0, "tests/unit/core")
+from conftest import make_fleet, make_request
+from qlm_backend.core.api import QueueManager, ManagerConfig
+print("before", end=" ")
+for cfg in (ManagerConfig(), ManagerConfig(pulp_max_cols=0)):
+    qm = QueueManager(make_fleet(n=2), "qlm", cfg)
+    for k in range(3):
+        qm.add_request(make_request(f"r{k}", slo_class="batch-2"), 0.0)
+    qm.plan(0.0)
+    print(qm.decisions[-1].path, end=" ")
+print("after")
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert res.stdout == "before lp lp after\n", res.stdout
+
+
+def test_resume_mode_kv_swap_unless_the_executor_cannot() -> None:
+    # A 4 + ~120 token context: copying its KV out and back over PCIe (~1.4 ms) beats recomputing
+    # the prefill (~32 ms), so "swap"; an executor that evicts by abort turns KV swap off.
+    for on, mode in ((True, "swap"), (False, "recompute")):
+        qm = _four_busy_slots(config=ManagerConfig(kv_swap_resume=on))
+        ev = [a for a in qm.plan(4.0) if isinstance(a, Evict)]
+        assert [e.resume for e in ev] == [mode]
