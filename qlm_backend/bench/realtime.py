@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     png = a.png or (a.out.with_suffix(".png") if a.out else Path("realtime.png"))
+    png.parent.mkdir(parents=True, exist_ok=True)
     plot(summary, png, f"{len(ws)} req, load {a.load:g}, time_scale {a.time_scale:g}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -338,6 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         + "; ".join(parts)
         + f"; attainment_ratio_interactive {'inf' if ratio is None else f'{ratio:.2f}'}"
     )
+    problems: dict[str, int] = {}
+    for snt in run.sent:
+        r = snt.result
+        if r is None or not r.ok:
+            key = (
+                "not answered" if r is None else f"{r.outcome} {r.status}: {(r.error or '')[:120]}"
+            )
+            problems[key] = problems.get(key, 0) + 1
+    for key, n in sorted(problems.items(), key=lambda kv: -kv[1])[:5]:
+        print(f"  {n:4d} x {key}", file=sys.stderr)
+    out["problems"] = problems
+    if a.out:
+        a.out.write_text(json.dumps(out, indent=2) + "\n")
     lost = sum(d["all"]["unfinished"] for d in summary.values())
     return 1 if lost else 0
 
