@@ -266,6 +266,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def server_crash(server: TritonServer) -> str | None:
+    """A line saying the server died during the run (then the numbers are not a measurement)."""
+    if server.proc is None or server.proc.poll() is None:
+        return None
+    msg = f"tritonserver exited with code {server.proc.returncode} during the run"
+    if server.log_path is not None:
+        msg += f" (log: {server.log_path})"
+    print(f"qlm-bench: {msg}", file=sys.stderr)
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     ws, cap_rps = workload(a.trace, a.requests, a.max_tokens, a.seed, a.instances, a.max_num_seqs)
@@ -291,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(replay(server.grpc_url, ws, a, run))
     finally:
+        crashed = server_crash(server)
         server.stop()
     wall_s = time.monotonic() - t0
     summary = summarize(run, a.time_scale)
@@ -304,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
         "capacity_rps": cap_rps,
         "wall_s": wall_s,
+        "server_crash": crashed,
         "slo_s": SLO_S,
         "attainment": att,
         "attainment_ratio_interactive": ratio,
@@ -353,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         a.out.write_text(json.dumps(out, indent=2) + "\n")
     lost = sum(d["all"]["unfinished"] for d in summary.values())
-    return 1 if lost else 0
+    if crashed:
+        print(f"INVALID RUN: {crashed}")
+    return 1 if lost or crashed else 0
 
 
 if __name__ == "__main__":

@@ -158,6 +158,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def server_crash(server: TritonServer) -> str | None:
+    """A line saying the server died during the run (then the numbers are not a measurement)."""
+    if server.proc is None or server.proc.poll() is None:
+        return None
+    msg = f"tritonserver exited with code {server.proc.returncode} during the run"
+    if server.log_path is not None:
+        msg += f" (log: {server.log_path})"
+    print(f"qlm-bench: {msg}", file=sys.stderr)
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="qlm-bench-router-"))
@@ -195,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         print(file=sys.stderr)
     finally:
+        crashed = server_crash(server)
         server.stop()
     summary = {ph.name: summarize(ph) for ph in phases}
     direct = summary["direct"]
@@ -213,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             "routers": {k: {"tick_s": v[1]} for k, v in routers.items()},
         },
         "phases": summary,
+        "server_crash": crashed,
         "comparisons": comparisons,
         **main_cmp,  # the default router (tick_s 20 ms) at top level
     }
@@ -239,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         f"per token {main_cmp['added_per_token_ms']:.3f} ms, "
         f"throughput_ratio {main_cmp['throughput_ratio']:.3f}"
     )
-    return 1 if failed else 0
+    if crashed:
+        print(f"INVALID RUN: {crashed}")
+    return 1 if failed or crashed else 0
 
 
 if __name__ == "__main__":
