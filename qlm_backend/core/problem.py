@@ -47,90 +47,122 @@ def build_problem(
     oracle: bool = False,
     extra_base_s: dict[str, float] | None = None,
 ) -> Problem:
+    """Vectorised: Python loops run over instance KINDS (gpu, tp, bound, models allowed: a handful
+    in a fleet), hosts and (model, class) pairs, never over groups x instances; numpy does the rest.
+    At 10k queued x 256 instances the per-group, per-instance loops it replaced took 7.7 ms of an
+    8.3 ms fallback decision."""
     est = ctx.estimator
     insts: list[InstanceState] = [i for i in ctx.instances.values() if i.healthy]
     iids = [i.instance_id for i in insts]
-    base = np.zeros(len(insts))
+    n_i = len(insts)
+    base = np.zeros(n_i)
     current: list[str | None] = []
     for j, inst in enumerate(insts):
-        cur = inst.loading or inst.model
-        current.append(cur)
+        current.append(inst.loading or inst.model)
         if inst.loading is not None:
             base[j] = max(0.0, inst.ready_s - now)
         elif inst.model is not None and inst.in_flight:
             # When the first slot frees (the estimator's slot model, so plan and forecast agree).
             base[j] = est.first_slot_s(inst, ctx.requests, now, oracle=oracle)
-        if extra_base_s:
-            base[j] += extra_base_s.get(inst.instance_id, 0.0)
+    if extra_base_s:
+        pos = {iid: j for j, iid in enumerate(iids)}
+        for iid, w in extra_base_s.items():
+            j = pos.get(iid)
+            if j is not None:
+                base[j] += w
     G = len(groups)
-    kk = max(1, min(k, len(insts)))
+    kk = max(1, min(k, n_i))
     cand = np.full((G, kk), -1, dtype=np.int64)
     work = np.zeros((G, kk))
     swap = np.zeros((G, kk))
     pre = np.zeros((G, kk))
-    n = np.array([len(g) for g in groups], dtype=float)
-    weight = np.array([ctx.classes[g.slo_class].weight for g in groups])
-    slack = np.array([g.deadline_s - now for g in groups])
-    by_model: dict[str, list[int]] = {}
+    n = np.fromiter((len(g) for g in groups), dtype=float, count=G)
+    models = [g.model for g in groups]
+    cls_names = [g.slo_class for g in groups]
+    weight_of = {c: ctx.classes[c].weight for c in set(cls_names)}
+    weight = np.fromiter((weight_of[c] for c in cls_names), dtype=float, count=G)
+    slack = np.fromiter((g.deadline_s for g in groups), dtype=float, count=G) - now
+    if G == 0 or n_i == 0:
+        return Problem(now, [], [], n, weight, slack, pre, iids, base, current, cand, work, swap)
+    # Instance kinds: everything a profile depends on besides the model.
+    kind_of: dict[tuple[str, int, int, tuple[str, ...]], int] = {}
+    kind_idx = np.empty(n_i, dtype=np.int64)
+    kind_spec = []
+    host_of: dict[str, int] = {}
+    host_idx = np.empty(n_i, dtype=np.int64)
+    for j, inst in enumerate(insts):
+        sp = inst.spec
+        key = (sp.gpu, sp.tp, sp.max_in_flight, sp.models_allowed)
+        kid = kind_of.get(key)
+        if kid is None:
+            kid = kind_of[key] = len(kind_spec)
+            kind_spec.append(sp)
+        kind_idx[j] = kid
+        host_idx[j] = host_of.setdefault(sp.host, len(host_of))
+    hosts = list(host_of)
+    cur_arr = np.array(current, dtype=object)
+    # Mean output tokens per group: one lookup per (model, class); the oracle sums true lengths.
+    mean_tokens: dict[tuple[str, str], float] = {}
+    tokens = np.empty(G)
     for gi, g in enumerate(groups):
-        by_model.setdefault(g.model, []).append(gi)
-    for model, gis in by_model.items():
-        allowed = [j for j, inst in enumerate(insts) if est.can_serve(model, inst.spec)]
-        if not allowed:
+        key = (models[gi], cls_names[gi])
+        m = mean_tokens.get(key)
+        if m is None:
+            m = mean_tokens[key] = est.output_stats(*key)[0]
+        if oracle:
+            tot = 0.0
+            for rid in g.request_ids:
+                st = ctx.requests[rid]
+                t = st.req.true_output_tokens
+                tot += max(1, t - st.tokens_done) if t is not None else m
+            tokens[gi] = tot
+        else:
+            tokens[gi] = m * n[gi]
+    models_arr = np.array(models, dtype=object)
+    for model in dict.fromkeys(models):
+        nk = len(kind_spec)
+        ok = np.zeros(nk, dtype=bool)
+        unit_k, pf_k, stall_k = np.zeros(nk), np.zeros(nk), np.zeros(nk)
+        warm_k, cold_k = np.zeros(nk), np.zeros(nk)
+        for kid, sp in enumerate(kind_spec):
+            if not est.can_serve(model, sp):
+                continue
+            prof = est.profile(model, sp)
+            ok[kid] = True
+            unit_k[kid], pf_k[kid], stall_k[kid] = (
+                prof.token_cost_s,
+                prof.prefill_first_s,
+                prof.prefill_stall_s,
+            )
+            warm_k[kid], cold_k[kid] = prof.load_warm_s, prof.load_cold_s
+        allowed = np.nonzero(ok[kind_idx])[0]
+        if len(allowed) == 0:
             continue
-        unit = np.empty(len(allowed))
-        lsw = np.empty(len(allowed))
-        pf = np.empty(len(allowed))
-        for a, j in enumerate(allowed):
-            inst = insts[j]
-            prof = est.profile(model, inst.spec)
-            unit[a] = prof.token_cost_s
-            pf[a] = prof.prefill_first_s
-            if current[j] == model:
-                lsw[a] = 0.0
-            else:
-                warm = ctx.warm.is_warm(inst.spec.host, model)
-                lsw[a] = prof.load_warm_s if warm else prof.load_cold_s
-            # group work = n * (mean_out * token_cost + stall); fold the stall per request in below
-        stall = np.array([est.profile(model, insts[j].spec).prefill_stall_s for j in allowed])
-        gidx = np.array(gis)
-        # Per-group mean output tokens (by class) and, for the oracle, the true lengths.
-        tokens = np.empty(len(gis))
-        for r, gi in enumerate(gis):
-            g = groups[gi]
-            if oracle:
-                tot = 0.0
-                for rid in g.request_ids:
-                    st = ctx.requests[rid]
-                    t = st.req.true_output_tokens
-                    tot += (
-                        max(1, t - st.tokens_done)
-                        if t is not None
-                        else est.output_stats(model, g.slo_class)[0]
-                    )
-                tokens[r] = tot
-            else:
-                tokens[r] = est.output_stats(model, g.slo_class)[0] * len(g)
-        w = tokens[:, None] * unit[None, :] + n[gidx][:, None] * stall[None, :]
-        finish = base[np.array(allowed)][None, :] + lsw[None, :] + w
+        ak = kind_idx[allowed]
+        unit, pf, stall = unit_k[ak], pf_k[ak], stall_k[ak]
+        warm_h = np.fromiter((ctx.warm.is_warm(h, model) for h in hosts), dtype=bool)
+        lsw = np.where(warm_h[host_idx[allowed]], warm_k[ak], cold_k[ak])
+        lsw[cur_arr[allowed] == model] = 0.0
+        gidx = np.nonzero(models_arr == model)[0]
+        w = tokens[gidx][:, None] * unit[None, :] + n[gidx][:, None] * stall[None, :]
+        finish = base[allowed][None, :] + lsw[None, :] + w
         kc = min(kk, len(allowed))
         if kc < len(allowed):
             part = np.argpartition(finish, kc - 1, axis=1)[:, :kc]
         else:
-            part = np.tile(np.arange(len(allowed)), (len(gis), 1))
+            part = np.broadcast_to(np.arange(len(allowed)), (len(gidx), len(allowed)))
         # Sort the k candidates by estimated finish so column 0 is the greedy choice.
         fsel = np.take_along_axis(finish, part, axis=1)
-        orderk = np.argsort(fsel, axis=1)
+        orderk = np.argsort(fsel, axis=1, kind="stable")
         part = np.take_along_axis(part, orderk, axis=1)
-        allowed_arr = np.array(allowed)
-        cand[gidx, :kc] = allowed_arr[part]
+        cand[gidx, :kc] = allowed[part]
         work[gidx, :kc] = np.take_along_axis(w, part, axis=1)
         swap[gidx, :kc] = lsw[part]
         pre[gidx, :kc] = pf[part]
     return Problem(
         now=now,
         group_ids=[g.group_id for g in groups],
-        group_models=[g.model for g in groups],
+        group_models=models,
         n=n,
         weight=weight,
         slack_s=slack,
