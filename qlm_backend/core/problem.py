@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qlm_backend.core.fleet import InstanceSpec
 from qlm_backend.core.groups import RequestGroup
 from qlm_backend.core.instances import InstanceState
 from qlm_backend.core.policies.base import PlanContext
@@ -67,9 +68,9 @@ def build_problem(
     if extra_base_s:
         pos = {iid: j for j, iid in enumerate(iids)}
         for iid, w in extra_base_s.items():
-            j = pos.get(iid)
-            if j is not None:
-                base[j] += w
+            jj = pos.get(iid)
+            if jj is not None:
+                base[jj] += w
     G = len(groups)
     kk = max(1, min(k, n_i))
     cand = np.full((G, kk), -1, dtype=np.int64)
@@ -87,15 +88,15 @@ def build_problem(
     # Instance kinds: everything a profile depends on besides the model.
     kind_of: dict[tuple[str, int, int, tuple[str, ...]], int] = {}
     kind_idx = np.empty(n_i, dtype=np.int64)
-    kind_spec = []
+    kind_spec: list[InstanceSpec] = []
     host_of: dict[str, int] = {}
     host_idx = np.empty(n_i, dtype=np.int64)
     for j, inst in enumerate(insts):
         sp = inst.spec
-        key = (sp.gpu, sp.tp, sp.max_in_flight, sp.models_allowed)
-        kid = kind_of.get(key)
+        kkey = (sp.gpu, sp.tp, sp.max_in_flight, sp.models_allowed)
+        kid = kind_of.get(kkey)
         if kid is None:
-            kid = kind_of[key] = len(kind_spec)
+            kid = kind_of[kkey] = len(kind_spec)
             kind_spec.append(sp)
         kind_idx[j] = kid
         host_idx[j] = host_of.setdefault(sp.host, len(host_of))
