@@ -34,9 +34,18 @@ class ManagerConfig:
     # Up to this many columns the LP is formulated in PuLP (readable), above with highspy's matrix
     # API: PuLP's build costs ~20 us per column here, too much for a 50 ms budget beyond ~200.
     pulp_max_cols: int = 200
-    # Predicted HiGHS cost per nonzero, used to skip an LP that cannot finish inside the budget
-    # (DESIGN.md section 7: ~11 ms solve + 4 ms build for 6,400 columns, about 4 nonzeros each).
-    lp_s_per_nonzero: float = 6e-7
+    # LP time model used to skip an LP that cannot finish inside the budget (an LP that runs out of
+    # budget costs its time AND the fallback after it): s_per_nonzero x nnz x (1 + nnz / knee), build
+    # and solve, set for the high quantile rather than the median. Measured on a shared 2-core
+    # machine (2026-11-25, the qlm-bench planner grid, 15 runs each): 11.6k nonzeros (10k queued x
+    # 256 instances) 25-32 ms p50, 60 ms max (model: 57 ms); 3.0-3.5k nonzeros (100 and 1k queued)
+    # 3-7 ms p50, 4-16 ms max (model: 8-10 ms). The old linear 6e-7 s/nnz predicted 10 ms for the
+    # 11.6k LP, so it was tried and overran the budget.
+    lp_s_per_nonzero: float = 2.0e-6
+    lp_nnz_knee: float = 8_000.0
+    # What the planner still does per group after the LP (rounding, ordering and forecasting each
+    # queue), reserved from the budget before trying the LP.
+    plan_s_per_group: float = 5e-5
     time_buckets: int = 4  # finite time buckets per instance in the assignment LP
     # --- estimator ------------------------------------------------------------------------
     ewma_alpha: float = 0.05  # weight of one observation in the online statistics

@@ -441,7 +441,12 @@ class RwtEstimator:
             # Fast path: fresh requests of one (model, class) share one work distribution; only
             # resumed requests (and the oracle's known lengths) need a per-request sum.
             works: list[tuple[float, float]] | None = None
-            if oracle or any(ctx.requests[r].tokens_done for r in rids):
+            resumed = ctx.resumed
+            if (
+                oracle
+                or (resumed is None and any(ctx.requests[r].tokens_done for r in rids))
+                or (resumed and not resumed.isdisjoint(rids))
+            ):
                 works = [self.request_work(ctx.requests[r], prof, oracle=oracle) for r in rids]
                 w_mean = sum(x[0] for x in works) / n
                 w_var = sum(x[1] for x in works) / n

@@ -80,12 +80,29 @@ def bucket_ends(p: Problem, buckets: int) -> np.ndarray:
 
 
 def estimate_size(p: Problem, buckets: int) -> tuple[int, int]:
-    """(columns, nonzeros) the LP would have, to decide before building whether it can fit."""
-    valid = int((p.cand >= 0).sum())
-    b = buckets
-    cols = valid * (b + 1) + len(p.instance_ids)
-    nnz = valid * (b + 1) + valid * b * (b + 1) // 2 + valid * (b + 1) + 2 * len(p.instance_ids) * b
+    """(columns, nonzeros) the LP would have, to decide before building whether it can fit.
+
+    Counted as build_matrix lays it out, with `buckets` finite buckets (an upper bound: quantile
+    ends that coincide merge): x columns for every (group, candidate slot, bucket), one y column
+    per (instance, model) a candidate would switch to; nonzeros of the served-once rows, the EDF
+    capacity rows (triangular in the buckets), the swap links and the one-swap-per-instance rows."""
+    G, k = p.cand.shape
+    B = max(1, buckets)
+    nb = B + 1
+    valid = p.cand >= 0
+    n_valid = int(valid.sum())
+    gg, cc = np.nonzero(valid & (p.swap_s > 0))
+    n_link = len(gg)
+    n_y = len({(int(p.cand[g, c]), p.group_models[g]) for g, c in zip(gg, cc, strict=True)})
+    cols = G * k * nb + n_y
+    nnz = G * k * nb + n_valid * B * (B + 1) // 2 + n_y * B + n_link * nb + n_y
     return cols, nnz
+
+
+def predict_lp_s(nnz: int, s_per_nonzero: float, nnz_knee: float) -> float:
+    """Predicted build + solve time of an LP with `nnz` nonzeros: HiGHS' simplex grows faster than
+    linearly in the size (more rows x more pivots): s_per_nonzero x nnz x (1 + nnz / nnz_knee)."""
+    return s_per_nonzero * nnz * (1.0 + nnz / max(1.0, nnz_knee))
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -426,6 +443,7 @@ __all__ = [
     "bucket_ends",
     "build_matrix",
     "estimate_size",
+    "predict_lp_s",
     "round_solution",
     "silence_highs_banner",
     "solve_highspy",

@@ -112,6 +112,7 @@ class QueueManager:
         self._oldest_unplanned_s = float("inf")
         self._dirty: str | None = "first plan"
         self._touched_groups: set[str] = set()
+        self._resumed: set[str] = set()  # queued requests with tokens done (see PlanContext)
 
     # ------------------------------------------------------------------ admission
     def make_request(
@@ -226,6 +227,7 @@ class QueueManager:
             previous=self._plan,
             trigger=trigger,
             new_groups=frozenset(self._touched_groups),
+            resumed=self._resumed,
         )
 
     def _apply(self, actions: Iterable[Action], now: float) -> None:
@@ -237,6 +239,7 @@ class QueueManager:
                     st = self.requests[rid]
                     assert st.status is Status.QUEUED and st.group_id is not None, rid
                     self.groups.remove(st.group_id, st.req)
+                    self._resumed.discard(rid)
                     st.status, st.group_id = Status.IN_FLIGHT, None
                     st.instance_id, st.dispatched_s = a.instance_id, now
                     inst.in_flight.add(rid)
@@ -440,11 +443,14 @@ class QueueManager:
         st.status, st.instance_id = Status.QUEUED, None
         g = self.groups.add(st.req)
         st.group_id = g.group_id
+        if st.tokens_done:
+            self._resumed.add(st.req.request_id)
         self._touched_groups.add(g.group_id)
         self._unplanned += 1
         self._oldest_unplanned_s = min(self._oldest_unplanned_s, now)
 
     def _leave(self, st: RequestState) -> None:
+        self._resumed.discard(st.req.request_id)
         if st.status is Status.QUEUED and st.group_id is not None:
             self.groups.remove(st.group_id, st.req)
         elif st.status is Status.IN_FLIGHT and st.instance_id is not None:
@@ -471,6 +477,8 @@ def check_invariants(m: QueueManager) -> None:
             assert rid not in seen
             seen[rid] = "evicting"
     assert set(seen) == set(m.requests), set(m.requests) ^ set(seen)
+    resumed = {r for r, st in m.requests.items() if st.status is Status.QUEUED and st.tokens_done}
+    assert m._resumed == resumed, m._resumed ^ resumed
 
 
 __all__ = [

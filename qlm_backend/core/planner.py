@@ -17,7 +17,7 @@ from qlm_backend.core.decisions import PlanDecision, PlanPath
 from qlm_backend.core.estimator import GroupForecast
 from qlm_backend.core.groups import RequestGroup
 from qlm_backend.core.heuristic import Assignment, swap_aware_edf
-from qlm_backend.core.lp import estimate_size, solve_lp
+from qlm_backend.core.lp import estimate_size, predict_lp_s, solve_lp
 from qlm_backend.core.ordering import order_queue
 from qlm_backend.core.policies.base import PlanContext, QueueEntry
 from qlm_backend.core.problem import Problem, build_problem
@@ -58,11 +58,14 @@ class GlobalPlanner:
             if cols > cfg.lp_max_cols:
                 why = f"too big: {cols} columns > lp_max_cols {cfg.lp_max_cols}"
                 return swap_aware_edf(p), "fallback", why, info
-            predicted = nnz * cfg.lp_s_per_nonzero
-            if predicted > budget:
+            # Straight to the fallback when the LP would not fit: trying it and running out of
+            # budget would cost the LP's time plus the fallback's.
+            predicted = predict_lp_s(nnz, cfg.lp_s_per_nonzero, cfg.lp_nnz_knee)
+            rest = p.num_groups * cfg.plan_s_per_group
+            if predicted + rest > budget:
                 why = (
-                    f"predicted LP time {predicted * 1e3:.1f} ms > budget left "
-                    f"{budget * 1e3:.1f} ms ({cols} columns)"
+                    f"predicted LP time {predicted * 1e3:.1f} ms + {rest * 1e3:.1f} ms after it > "
+                    f"budget left {budget * 1e3:.1f} ms ({cols} columns, {nnz} nonzeros)"
                 )
                 return swap_aware_edf(p), "fallback", why, info
         else:
@@ -109,6 +112,7 @@ class GlobalPlanner:
             path = path_override
         per_inst: dict[str, list[QueueEntry]] = {iid: list(v) for iid, v in (keep or {}).items()}
         offsets: dict[int, int] = {}
+        changed: set[str] = set()
         for g, i, cnt in assignment:
             grp = gl[g]
             rids = grp.request_ids
@@ -116,10 +120,17 @@ class GlobalPlanner:
             offsets[g] = a + cnt
             iid = p.instance_ids[i]
             per_inst.setdefault(iid, []).append(QueueEntry(grp.group_id, tuple(rids[a : a + cnt])))
+            changed.add(iid)
         queues: dict[str, list[QueueEntry]] = {}
         forecasts: dict[str, list[GroupForecast]] = {}
         total_viol = 0.0
         for iid, entries in per_inst.items():
+            if keep is not None and iid not in changed:
+                # Incremental step, nothing new on this queue: keep the order of the last full
+                # plan and skip its forecast (no eviction is weighed for it in this step; the next
+                # full plan, at most replan_interval_s away, forecasts it again).
+                queues[iid] = entries
+                continue
             inst = ctx.instances[iid]
             ordered, fc = order_queue(inst, entries, ctx, now, oracle=self.oracle)
             queues[iid] = ordered

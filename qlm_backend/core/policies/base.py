@@ -10,6 +10,7 @@ policy uses, so a baseline gets exactly what the real system it stands for does.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -68,6 +69,9 @@ class PlanContext:
     previous: Plan | None  # the last plan, pruned of requests that left the queue
     trigger: str  # why plan() runs a full plan now, or "incremental"
     new_groups: frozenset[str] = frozenset()  # groups touched since the last full plan
+    # Queued requests that resume with tokens already produced (their work differs from their
+    # group's mean). None: not tracked by the caller, the estimator checks every request.
+    resumed: AbstractSet[str] | None = None
 
 
 class Policy(Protocol):

@@ -134,3 +134,29 @@ def test_fallback_when_lp_too_big() -> None:
     qm.plan(0.0)
     assert qm.decisions[-1].path == "fallback"
     assert "too big" in qm.decisions[-1].reason
+
+
+def test_lp_size_gate_at_the_planner_benchmark_sizes() -> None:
+    # The bench's mixed fleet (A10 / A100 / H100, 3 models x 3 classes). A timer that never moves
+    # leaves the whole 50 ms budget, so the path depends on the LP's size alone:
+    # - 1k queued x 64 instances: 54 groups, 1,080 columns, 3,240 nonzeros -> predicted ~10 ms
+    #   (+ ~3 ms after it) fits: the LP decides;
+    # - 10k queued x 256 instances: 179 groups, 3,584 columns, 11,620 nonzeros -> predicted ~57 ms
+    #   (measured up to 60 ms): straight to the fallback, without trying the LP first.
+    from qlm_backend.bench.planner import make_manager
+    from qlm_backend.core.lp import bucket_ends, build_matrix, estimate_size
+    from qlm_backend.core.planner import GlobalPlanner
+    from qlm_backend.core.problem import build_problem
+
+    for queued, insts, path in ((1_000, 64, "lp"), (10_000, 256, "fallback")):
+        qm = make_manager(queued, insts)
+        ctx = qm._context("test")
+        _, d, _ = GlobalPlanner(timer=lambda: 0.0).plan(ctx, 0.0)
+        assert d.path == path, (queued, insts, d.reason)
+        if path == "fallback":
+            assert d.reason.startswith("predicted LP time") and d.solve_s == 0.0, d.reason
+        # The size estimate is what build_matrix builds (no bucket ends merge here).
+        cfg = ctx.config
+        p = build_problem(ctx, list(ctx.groups), 0.0, k=cfg.candidates_per_group)
+        m = build_matrix(p, bucket_ends(p, cfg.time_buckets), 1.0, 0.15)
+        assert estimate_size(p, cfg.time_buckets) == (m.cols, len(m.value))
