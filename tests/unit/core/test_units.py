@@ -354,3 +354,32 @@ def test_resume_mode_kv_swap_unless_the_executor_cannot() -> None:
         qm = _four_busy_slots(config=ManagerConfig(kv_swap_resume=on))
         ev = [a for a in qm.plan(4.0) if isinstance(a, Evict)]
         assert [e.resume for e in ev] == [mode]
+
+
+def test_slot_clock_cases_written_out() -> None:
+    from qlm_backend.core.estimator import SlotClock
+
+    # 4 slots, nothing in flight: the first 4 start now; the 5th once the work ahead (4 x 2.0
+    # instance-seconds) minus what the 3 other slots still hold (a renewal residual of 1.5 each).
+    c = SlotClock(4)
+    c.push(6, 1.5)
+    assert [c.start(q, 2.0 * q) for q in range(4)] == [0.0] * 4
+    assert c.start(4, 8.0) == pytest.approx(8.0 - 3 * 1.5)
+    # 4 slots busy with in-flight work of 1, 2, 3, 4 instance-seconds (a slot drains at 1/4 per
+    # second, so they end at 4, 8, 12, 16 s): the first queued request takes the first slot that
+    # frees, at 4 s, however small its own residual; the old form gave 10 - 3 x residual.
+    c = SlotClock(4, [3.0, 1.0, 4.0, 2.0])
+    c.push(2, 0.5)
+    assert c.start(0, 10.0) == pytest.approx(4.0)
+    # The second queued request: the first one (work 0.5) took the slot freed at 4 s and ends at
+    # 4 + 4 x 0.5 = 6 s, before the next in-flight end (8 s), so it starts at 6 s.
+    assert c.start(1, 10.5) == pytest.approx(6.0)
+    # 2 of 4 slots in flight: 2 free slots now.
+    c = SlotClock(4, [5.0, 5.0])
+    c.push(3, 1.0)
+    assert c.start(0, 10.0) == 0.0 and c.start(1, 11.0) == 0.0
+    # The third waits for a slot, freed by one of the 2 queued ones (work 1.0 each, i.e. 4 s of a
+    # slot; the in-flight ones run until 20 s). Their residual 1.0 = their mean work is the
+    # exponential case (cv^2 = 1): the first of two ends after 2 s on average. Work conservation
+    # gives the same: t = 12 - [(10 - 2 x t/4) + 1.0] at t = 2.
+    assert c.start(2, 12.0) == pytest.approx(2.0)
