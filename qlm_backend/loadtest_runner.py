@@ -4,8 +4,9 @@
         [--users 12] [--protocol grpc|http|both] [--router qlm] [--model mistral-7b]
         [--trace FILE --trace-speedup X] [--report-dir DIR]
 
-Without URLs it starts a tritonserver with the shipped repository on free loopback ports and stops
-it (its whole process group) at the end. Exit code: Locust's, which is 1 when a request was lost
+Without URLs it uses the server `make serve` started on the default ports (127.0.0.1:8000 / 8001)
+when that one is ready, else (or with --own-server) starts a tritonserver with the shipped
+repository on free loopback ports and stops it (its whole process group) at the end. Exit code: Locust's, which is 1 when a request was lost
 (neither completed nor answered with an explicit error), 2 for a setup failure.
 """
 
@@ -17,11 +18,21 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADTEST_DIR = ROOT / "loadtest"
 CLASSES = ("Interactive", "Batch1", "Batch2")
+DEFAULT_HTTP, DEFAULT_GRPC = "127.0.0.1:8000", "127.0.0.1:8001"  # qlm-serve's defaults
+
+
+def _ready(http_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--http-url", help="Triton HTTP address (host:port) of a running server")
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository",
                    help="model repository for the server started when no URL is given")  # fmt: skip
+    p.add_argument("--own-server", action="store_true",
+                   help="start a server even when one is ready on the default ports")  # fmt: skip
     p.add_argument("--run-time-s", type=float, default=30.0)
     p.add_argument("--users", type=int, default=12)
     p.add_argument("--spawn-rate", type=float, default=6.0)
@@ -98,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_s = 3600.0 if a.trace else a.run_time_s
     wall_limit_s = run_s + a.stop_timeout_s + 60.0
+    if not (a.grpc_url or a.http_url or a.own_server) and _ready(DEFAULT_HTTP):
+        print(f"qlm-loadtest: using the server at {DEFAULT_HTTP} / {DEFAULT_GRPC}", flush=True)
+        a.grpc_url, a.http_url = DEFAULT_GRPC, DEFAULT_HTTP
     if a.grpc_url or a.http_url:
         cmd = locust_command(a, a.grpc_url or "127.0.0.1:8001", a.http_url or "127.0.0.1:8000")
         return run_locust(cmd, wall_limit_s)
