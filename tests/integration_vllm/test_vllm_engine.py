@@ -1,0 +1,303 @@
+"""The real vLLM engine model behind a real tritonserver: contract, cancellation, priority, cleanup.
+
+The weights are random, so the text means nothing; what is checked is what the engine does with
+requests (token counts, batching, abort, priority scheduling) and what reaches the client.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import pytest
+from conftest import MAX_NUM_SEQS, VllmServer
+from vllm_client import ALL_OUTPUTS, Stream, generate, make_inputs
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
+
+PROMPT = "The lighthouse keeper rose before the gulls"
+
+
+def test_stream_token_count_equals_max_tokens(vllm_server: VllmServer) -> None:
+    r = generate(
+        vllm_server.grpc_url,
+        PROMPT,
+        True,
+        {"max_tokens": 48, "ignore_eos": True},
+        outputs=("text_output", "num_output_tokens", "finish_reason"),
+        exclude_input_in_output=True,
+        return_num_output_tokens=True,
+        return_finish_reason=True,
+    )
+    assert r.error is None
+    counts = [int(x.outputs["num_output_tokens"][0]) for x in r.replies]
+    assert sum(counts) == 48
+    assert r.replies[-1].final
+    assert r.replies[-1].outputs["finish_reason"][0] == b"length"
+    assert all(x.outputs["finish_reason"][0] == b"None" for x in r.replies[:-1])
+
+
+def test_non_streaming_prepends_prompt(vllm_server: VllmServer) -> None:
+    sp = {"max_tokens": 12, "ignore_eos": True, "seed": 7, "temperature": 0.0}
+    full = generate(vllm_server.grpc_url, PROMPT, False, sp)
+    assert full.error is None and len(full.replies) == 1
+    text = full.text()
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+    only_new = generate(vllm_server.grpc_url, PROMPT, False, sp, exclude_input_in_output=True)
+    assert only_new.error is None
+    # Greedy decoding: the same continuation, without the prompt.
+    assert PROMPT + only_new.text() == text
+
+
+def test_sampling_from_request_parameters(vllm_server: VllmServer) -> None:
+    r = generate(
+        vllm_server.grpc_url,
+        PROMPT,
+        False,
+        None,
+        outputs=("text_output", "num_output_tokens"),
+        parameters={"max_tokens": 5, "ignore_eos": True},
+        return_num_output_tokens=True,
+    )
+    assert r.error is None
+    assert int(r.replies[-1].outputs["num_output_tokens"][0]) == 5
+
+
+def test_return_outputs_present_and_consistent(vllm_server: VllmServer) -> None:
+    flags = {
+        "return_finish_reason": True,
+        "return_cumulative_logprob": True,
+        "return_logprobs": True,
+        "return_num_input_tokens": True,
+        "return_num_output_tokens": True,
+    }
+    sp = {"max_tokens": 16, "ignore_eos": True}
+    r = generate(
+        vllm_server.grpc_url,
+        PROMPT,
+        True,
+        sp,
+        outputs=ALL_OUTPUTS,
+        exclude_input_in_output=True,
+        **flags,
+    )
+    assert r.error is None
+    n_in = {int(x.outputs["num_input_tokens"][0]) for x in r.replies}
+    assert len(n_in) == 1 and n_in.pop() > 0
+    total_lp = 0.0
+    n_out = 0
+    for x in r.replies:
+        assert set(ALL_OUTPUTS) <= set(x.outputs)
+        entries = json.loads(x.outputs["logprobs"][0])
+        new = int(x.outputs["num_output_tokens"][0])
+        assert len(entries) == new  # one log-probability entry per new token
+        n_out += new
+        for e in entries:
+            (lp,) = e.values()  # logprobs=0: the sampled token only
+            assert lp["logprob"] <= 0.0
+            total_lp += lp["logprob"]
+        # The cumulative log-probability is the running sum of the per-token ones.
+        assert math.isclose(float(x.outputs["cumulative_logprob"][0]), total_lp, abs_tol=1e-3)
+    assert n_out == 16
+    # Non-streaming: one response with the whole request's values.
+    ns = generate(vllm_server.grpc_url, PROMPT, False, sp, outputs=ALL_OUTPUTS, **flags)
+    assert ns.error is None and len(ns.replies) == 1
+    out = ns.replies[0].outputs
+    assert int(out["num_output_tokens"][0]) == 16
+    assert len(json.loads(out["logprobs"][0])) == 16
+    assert out["finish_reason"][0] == b"length"
+    assert int(out["num_input_tokens"][0]) == int(r.replies[0].outputs["num_input_tokens"][0])
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        ({"max_tokens": 4, "bogus_key": 1}, "bogus_key"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 4, "temperature": "hot"}, "temperature"),
+    ],
+)
+def test_bad_request_error_names_field(vllm_server: VllmServer, sampling: dict, field: str) -> None:
+    r = generate(vllm_server.grpc_url, PROMPT, False, sampling)
+    assert r.error is not None and field in r.error
+    assert not r.replies
+
+
+def test_stream_without_exclude_input_is_an_error(vllm_server: VllmServer) -> None:
+    r = generate(
+        vllm_server.grpc_url, PROMPT, True, {"max_tokens": 4}, exclude_input_in_output=False
+    )
+    assert r.error is not None and "exclude_input_in_output" in r.error
+
+
+def test_cancel_mid_stream_aborts_engine_request(vllm_server: VllmServer) -> None:
+    before = vllm_server.metrics()
+    s = Stream(
+        vllm_server.grpc_url,
+        make_inputs(
+            PROMPT,
+            True,
+            {"max_tokens": 2000, "ignore_eos": True},
+            exclude_input_in_output=True,
+            return_num_output_tokens=True,
+        ),
+        outputs=("text_output", "num_output_tokens"),
+    )
+    got = 0
+    while got < 10:
+        reply = s.next()
+        assert not isinstance(reply, str), reply
+        got += int(reply.outputs["num_output_tokens"][0])
+    s.cancel()
+    s.client.close()
+    # The engine stops generating for it: the abort is counted and nothing stays running.
+    deadline = time.monotonic() + 10
+    after = vllm_server.metrics()
+    while time.monotonic() < deadline:
+        after = vllm_server.metrics()
+        aborted = after.get("vllm:request_success_total:abort", 0) - before.get(
+            "vllm:request_success_total:abort", 0
+        )
+        if aborted >= 1 and after.get("vllm:num_requests_running", 1) == 0:
+            break
+        time.sleep(0.2)
+    assert aborted == 1
+    assert after["vllm:num_requests_running"] == 0
+    generated = after["vllm:generation_tokens_total"] - before.get(
+        "vllm:generation_tokens_total", 0
+    )
+    assert generated < 2000  # stopped early: 2,000 tokens take seconds at this engine's speed
+    # And the server keeps serving.
+    r = generate(
+        vllm_server.grpc_url, PROMPT, True, {"max_tokens": 4}, exclude_input_in_output=True
+    )
+    assert r.error is None and r.replies[-1].final
+
+
+def _priority_run(vs: VllmServer, use_priority: bool, low_tokens: list[int]) -> dict[str, float]:
+    """Long requests fill the engine (max_num_seqs) and its queue; then one short urgent request
+    arrives. Returns first-token times, seconds since the urgent request was sent. The long ones
+    differ in length so that seats free one at a time (no tie between the urgent request and a
+    queued one for the same seat)."""
+    url = vs.grpc_url
+    low_prio, high_prio = (10, 0) if use_priority else (0, 0)
+    lows: list[Stream] = []
+    for i, n in enumerate(low_tokens):
+        sp = {"max_tokens": n, "ignore_eos": True}
+        lows.append(
+            Stream(
+                url,
+                make_inputs(
+                    f"{PROMPT} {i}", True, sp, priority=low_prio, exclude_input_in_output=True
+                ),
+            )
+        )
+        time.sleep(0.02)  # a definite arrival order
+    # Send the urgent request once the first MAX_NUM_SEQS stream tokens and the rest do not (they
+    # wait in the engine's queue); a fixed sleep is wrong on a loaded machine.
+    deadline = time.monotonic() + 60
+    while not all(not s.q.empty() for s in lows[:MAX_NUM_SEQS]):
+        assert time.monotonic() < deadline, "the first long requests never started"
+        time.sleep(0.01)
+    t_high = time.monotonic()
+    high = Stream(
+        url,
+        make_inputs(
+            PROMPT,
+            True,
+            {"max_tokens": 8, "ignore_eos": True},
+            priority=high_prio,
+            exclude_input_in_output=True,
+        ),
+    )
+    results: dict[int, float] = {}
+
+    def first(i: int, s: Stream) -> None:
+        r = s.collect()
+        assert r.error is None, r.error
+        results[i] = s.t0 + r.first_token_s - t_high
+
+    streams = [*lows, high]
+    threads = [threading.Thread(target=first, args=(i, s)) for i, s in enumerate(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queued = [results[i] for i in range(MAX_NUM_SEQS, len(low_tokens))]
+    return {
+        "high_ttft_s": round(results[len(low_tokens)], 3),
+        "queued_low_first_s": round(min(queued), 3),
+        "queued_low_last_first_s": round(max(queued), 3),
+    }
+
+
+def test_priority_serves_urgent_request_before_queued_ones(vllm_server: VllmServer) -> None:
+    low_tokens = [700, 900, 1100, 1300, 1500]  # 2 run (max_num_seqs), 3 queue
+    fcfs = _priority_run(vllm_server, False, low_tokens)
+    prio = _priority_run(vllm_server, True, low_tokens)
+    vllm_server.figures["priority_test"] = {"without_priority": fcfs, "with_priority": prio}
+    print(f"\npriority test: without {fcfs}; with {prio}")
+    # Without priority the urgent request waits behind every queued long one ...
+    assert fcfs["high_ttft_s"] > fcfs["queued_low_last_first_s"]
+    # ... with it, it takes the first free seat, before any of them, and much sooner.
+    assert prio["high_ttft_s"] < prio["queued_low_first_s"]
+    assert prio["high_ttft_s"] < 0.75 * fcfs["high_ttft_s"]
+
+
+def test_throughput_figures(vllm_server: VllmServer) -> None:
+    """Not pass/fail on speed: records tokens/s through Triton at 1 and MAX_NUM_SEQS streams."""
+    for n in (1, MAX_NUM_SEQS):
+        results: list = [None] * n
+
+        def one(i: int, results: list = results) -> None:
+            results[i] = generate(
+                vllm_server.grpc_url,
+                f"{PROMPT} {i}",
+                True,
+                {"max_tokens": 128, "ignore_eos": True},
+                exclude_input_in_output=True,
+            )
+
+        t0 = time.monotonic()
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        el = time.monotonic() - t0
+        assert all(r.error is None for r in results)
+        vllm_server.figures[f"tok_s_{n}_streams"] = round(n * 128 / el)
+
+
+def test_zz_no_orphans_after_stop(vllm_server: VllmServer) -> None:
+    """Runs last (name): a crashed stub must not leave vLLM's EngineCore behind once the server
+    stops, because stop() signals the whole process group."""
+    pids = vllm_server.engine_pids
+    assert len(pids) >= 2  # the stub and at least EngineCore
+    alive = [p for p in pids if _alive(p)]
+    assert alive == pids
+    stub = min(pids)  # the stub is the server's first child
+    os.kill(stub, signal.SIGKILL)  # a crashed stub: its engine processes stay up on their own
+    time.sleep(1.0)
+    vllm_server.server.stop()
+    time.sleep(0.5)
+    left = [p for p in pids if _alive(p)]
+    assert left == [], f"orphaned engine processes: {left}"
+    assert vllm_server.server.descendants() == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes (nothing left to reap it but init).
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
