@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from locust import between, task
+from locust import task
 from qlm_locust import QlmUser
 
 
@@ -24,10 +24,11 @@ class _Interactive(QlmUser):
     abstract = True
     slo_class = "interactive"
     weight = 4
-    wait_time = between(0.2, 1.0)
+    think_s = (0.2, 1.0)
 
     @task
     def chat(self) -> None:
+        self.think()
         self.send(self.make_request(f"question {random.randrange(10**6)}"), self.slo_class)
 
 
@@ -35,10 +36,11 @@ class _Batch1(QlmUser):
     abstract = True
     slo_class = "batch-1"
     weight = 3
-    wait_time = between(0.0, 0.2)
+    think_s = (0.0, 0.2)
 
     @task
     def job(self) -> None:
+        self.think()
         o = self.environment.parsed_options
         n = 4 * (o.qlm_max_tokens if o else 32)  # batch jobs generate more
         self.send(self.make_request(f"summarise {random.randrange(10**6)}", n), self.slo_class)

@@ -4,7 +4,8 @@ Imported by `locustfile.py` (SLO classes as weighted user classes) and `locustfi
 trace replay). Every request ends as one of: completed, an explicit error from the server (shed,
 bad input: the server answered), lost (neither: a timeout, a dropped stream, a stream without its
 final response), or abandoned (in flight when Locust killed the user at the end; the runner
-gives users a stop timeout, so this is at most a rare race, see QlmUser.send). The run exits non-zero when anything was lost.
+gives users a stop timeout and users think inside their task, so this stays 0; see QlmUser).
+The run exits non-zero when anything was lost.
 
 Locust reports per request two events: `<class> ttft` (time to first token) and `<class> e2e`
 (end to end; a failure when the request did not complete). Custom options (all `--qlm-*` but the
@@ -21,14 +22,18 @@ grpc_gevent.init_gevent()
 
 import json  # noqa: E402
 import os  # noqa: E402
+import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+import gevent  # noqa: E402
 from gevent import GreenletExit  # noqa: E402
-from locust import User, events  # noqa: E402
+from locust import User, constant, events  # noqa: E402
+from locust.exception import StopUser  # noqa: E402
+from locust.user.task import LOCUST_STATE_STOPPING  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
@@ -161,6 +166,11 @@ class QlmUser(User):
     abstract = True
     protocol = "grpc"
     slo_class = "interactive"
+    # Think time is slept inside the task, not in Locust's wait_time: Locust kills a user it finds
+    # waiting, and that kill can land after the user woke and sent its next request. Inside a task
+    # the user is "running", so at the end Locust lets it finish (--stop-timeout) instead.
+    think_s: tuple[float, float] = (0.0, 0.0)
+    wait_time = constant(0)
 
     def on_start(self) -> None:
         o = self.environment.parsed_options
@@ -175,13 +185,19 @@ class QlmUser(User):
         # A gRPC channel left open keeps Locust from exiting.
         self.client.close()
 
+    def think(self) -> None:
+        lo, hi = self.think_s
+        if hi > 0:
+            gevent.sleep(random.uniform(lo, hi))
+        if self._state == LOCUST_STATE_STOPPING:
+            raise StopUser()
+
     def send(self, req: Request, cls: str) -> Result | None:
         try:
             r = self.client.generate(req)
         except GreenletExit:
-            # Locust killed the user mid-request. It waits for running tasks (--stop-timeout), but
-            # a user it finds in wait_time is killed asynchronously and the kill can land after the
-            # user woke and sent its next request: not the server's doing, so not "lost".
+            # Locust killed the user mid-request (it waits --stop-timeout for running tasks, so
+            # only a user stopped without one gets here): not the server's doing, not "lost".
             STATS.abandon(cls)
             raise
         STATS.record(cls, r)
