@@ -333,7 +333,8 @@ sys.path.insert(0, "tests/unit/core")
 from conftest import make_fleet, make_request
 from qlm_backend.core.api import QueueManager, ManagerConfig
 print("before", end=" ")
-for cfg in (ManagerConfig(), ManagerConfig(pulp_max_cols=0)):
+# A generous budget: the first solve imports the solver, which must not push it to the fallback.
+for cfg in (ManagerConfig(plan_budget_s=60.0), ManagerConfig(plan_budget_s=60.0, pulp_max_cols=0)):
     qm = QueueManager(make_fleet(n=2), "qlm", cfg)
     for k in range(3):
         qm.add_request(make_request(f"r{k}", slo_class="batch-2"), 0.0)
