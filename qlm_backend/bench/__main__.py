@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print("usage: qlm-bench {" + ",".join(BENCHES) + "} [args]\n")
-        for name, mod in BENCHES.items():
-            print(f"  {name:9s} {mod}")
+        for bench_name, module in BENCHES.items():
+            print(f"  {bench_name:9s} {module}")
         return 0 if args else 2
     name = args.pop(0)
     if name not in BENCHES:
@@ -28,14 +28,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        mod = importlib.import_module(BENCHES[name])
+        bench = importlib.import_module(BENCHES[name])
     except ModuleNotFoundError as e:
         print(
             f"qlm-bench: benchmark {name!r} is not available in this checkout ({e})",
             file=sys.stderr,
         )
         return 2
-    return int(mod.main(args) or 0)
+    return int(bench.main(args) or 0)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ class TritonServer:
                 raise RuntimeError(
                     f"tritonserver exited with code {self.proc.returncode}{self._log_tail()}"
                 )
-            if self.is_ready():
+            if self.is_ready() and not port_is_free(self.metrics_port, self.host):
                 return time.monotonic() - t0
             time.sleep(0.1)
         self.stop()
