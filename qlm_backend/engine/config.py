@@ -6,7 +6,6 @@ that names the key, so a typo in a fleet never silently runs with a default.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Literal
 from qlm_backend.engine import hardware as hw
 from qlm_backend.engine.perf import PerfModel
 from qlm_backend.engine.sim import PREEMPTION_MODES, SCHEDULING_POLICIES, Preemption, Scheduling
+from qlm_backend.settings import coerce, read_settings
 
 LoadMode = Literal["none", "warm", "cold"]
 LOAD_MODES: tuple[LoadMode, ...] = ("none", "warm", "cold")
@@ -59,10 +59,10 @@ class EngineConfig:
         for req in ("model", "gpu"):
             if req not in raw or raw[req] in (None, ""):
                 raise EngineConfigError(req, "is required")
-        vals: dict[str, Any] = {}
-        for name, value in raw.items():
-            default = known[name].default
-            vals[name] = _coerce(name, value, type(default) if default is not None else str)
+        vals = {
+            name: coerce(name, value, known[name].default, EngineConfigError)
+            for name, value in raw.items()
+        }
         cfg = cls(**vals)
         cfg._validate()
         return cfg
@@ -101,43 +101,8 @@ class EngineConfig:
             raise EngineConfigError("tp" if self.tp else "gpu", str(e)) from None
 
 
-def _coerce(name: str, value: Any, typ: type) -> Any:
-    # config.pbtxt parameters are always strings; engine.json values are typed.
-    try:
-        if typ is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false"):
-                    raise ValueError
-                return value.lower() == "true"
-            return bool(value)
-        if typ is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise EngineConfigError(name, f"must be {typ.__name__}, got {value!r}") from None
-
-
 def load_engine_config(model_config: Mapping[str, Any], model_dir: Path | None) -> EngineConfig:
     """Merge engine.json (next to model.py) with config.pbtxt parameters; parameters win."""
-    raw: dict[str, Any] = {}
-    if model_dir is not None:
-        path = model_dir / CONFIG_FILE
-        if path.exists():
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise EngineConfigError(CONFIG_FILE, f"is not valid JSON: {e}") from None
-            if not isinstance(data, dict):
-                raise EngineConfigError(CONFIG_FILE, "must hold a JSON object")
-            raw.update(data)
-    for key, val in (model_config.get("parameters") or {}).items():
-        if key == "EXECUTION_ENV_PATH":
-            continue
-        raw[key] = val.get("string_value", "") if isinstance(val, dict) else val
-    return EngineConfig.from_mapping(raw)
+    return EngineConfig.from_mapping(
+        read_settings(model_config, model_dir, CONFIG_FILE, EngineConfigError)
+    )

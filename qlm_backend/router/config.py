@@ -27,7 +27,6 @@ Keys (all optional but the policy has a default too):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -36,6 +35,7 @@ from typing import Any
 
 from qlm_backend.core.config import ManagerConfig
 from qlm_backend.core.policies import validate_policy_name
+from qlm_backend.settings import coerce, read_settings
 
 CONFIG_FILE = "router.json"
 ENGINE_BACKENDS = ("sim", "qlm-vllm", "vllm")
@@ -112,7 +112,7 @@ class RouterConfig:
         vals: dict[str, Any] = {}
         for key, value in raw.items():
             default = getattr(cls(), key)
-            vals[key] = _coerce(key, value, default)
+            vals[key] = coerce(key, value, default, RouterConfigError)
         cfg = cls(**vals)
         try:
             validate_policy_name(cfg.policy)
@@ -145,51 +145,8 @@ class RouterConfig:
         return cfg
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    # config.pbtxt parameters are strings; JSON values are typed.
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false"):
-                    raise ValueError
-                return value.lower() == "true"
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if isinstance(default, int):
-            if isinstance(value, bool):
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if isinstance(default, Mapping):
-            value = json.loads(value) if isinstance(value, str) else value
-            if not isinstance(value, Mapping):
-                raise ValueError
-            return dict(value)
-        if not isinstance(value, str):
-            raise ValueError
-        return value
-    except (TypeError, ValueError):
-        raise RouterConfigError(key, f"must be {type(default).__name__}, got {value!r}") from None
-
-
 def load_router_config(model_config: Mapping[str, Any], version_dir: Path) -> RouterConfig:
     """router.json next to model.py, overridden by config.pbtxt parameters."""
-    raw: dict[str, Any] = {}
-    path = version_dir / CONFIG_FILE
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise RouterConfigError(CONFIG_FILE, f"is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise RouterConfigError(CONFIG_FILE, "must hold a JSON object")
-        raw.update(data)
-    for key, val in (model_config.get("parameters") or {}).items():
-        if key == "EXECUTION_ENV_PATH":
-            continue
-        raw[key] = val.get("string_value", "") if isinstance(val, dict) else val
-    return RouterConfig.from_mapping(raw)
+    return RouterConfig.from_mapping(
+        read_settings(model_config, version_dir, CONFIG_FILE, RouterConfigError)
+    )

@@ -1,0 +1,167 @@
+"""The request contract, the router's admission and the settings files, without Triton."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from qlm_backend.contract import ContractError, parse_generate
+from qlm_backend.engine.config import EngineConfig, EngineConfigError, load_engine_config
+from qlm_backend.engine.tokens import count_prompt_tokens
+from qlm_backend.router.admission import parse_router_request
+from qlm_backend.router.config import RouterConfig, RouterConfigError, load_router_config
+
+MODELS = {"mistral-7b": 8192}
+CLASSES = {"interactive": 20.0, "batch-1": 60.0}
+
+
+def text(s: str | bytes) -> np.ndarray:
+    return np.array([s.encode() if isinstance(s, str) else s], dtype=np.object_)
+
+
+def admit(inputs: dict, params: dict | None = None):
+    return parse_router_request(
+        inputs,
+        json.dumps(params or {}),
+        models=MODELS,
+        slo_classes=CLASSES,
+        default_slo_class="interactive",
+        count_tokens=count_prompt_tokens,
+        max_prompt_bytes=1000,
+    )
+
+
+def test_engine_request_defaults_follow_vllm_backend():
+    p = parse_generate({"text_input": text("hi")}, None)
+    # No `stream` tensor: non-streaming, and the prompt is prepended, as vllm_backend does.
+    assert (p.stream, p.prepend_input, p.sampling.max_tokens) == (False, True, 16)
+
+
+def test_sampling_keys_come_from_the_tensor_before_the_parameters():
+    p = parse_generate(
+        {"text_input": text("hi"), "sampling_parameters": text('{"max_tokens": 5}')},
+        json.dumps({"max_tokens": 9}),
+    )
+    assert p.sampling.max_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": 0}, "top_p"),
+        ({"bogus": 1}, "bogus"),
+        ({"n": 2}, "n"),
+    ],
+)
+def test_bad_sampling_values_name_their_field(params, field):
+    with pytest.raises(ContractError) as e:
+        parse_generate({"text_input": text("hi")}, json.dumps(params))
+    assert e.value.field == field
+
+
+def test_router_takes_qlm_fields_from_tensors_or_parameters_and_not_as_sampling_keys():
+    r = admit(
+        {"text_input": text("hi"), "model": text("mistral-7b")},
+        {"slo_class": "batch-1", "max_tokens": 4},
+    )
+    assert (r.model, r.slo_class, r.ttft_slo_s, r.params.sampling.max_tokens) == (
+        "mistral-7b",
+        "batch-1",
+        None,
+        4,
+    )
+    # The router streams unless told otherwise (a bare generate_stream call streams).
+    assert r.params.stream
+
+
+@pytest.mark.parametrize(
+    ("inputs", "params", "field"),
+    [
+        ({"text_input": text("hi")}, {}, "model"),
+        ({"text_input": text("hi"), "model": text("gpt")}, {}, "model"),
+        (
+            {"text_input": text("hi"), "model": text("mistral-7b")},
+            {"slo_class": "gold"},
+            "slo_class",
+        ),
+        (
+            {
+                "text_input": text("hi"),
+                "model": text("mistral-7b"),
+                "ttft_slo_s": np.array([math.nan]),
+            },
+            {},
+            "ttft_slo_s",
+        ),
+        ({"text_input": text("x" * 2000), "model": text("mistral-7b")}, {}, "text_input"),
+        ({"text_input": text(b"\xff"), "model": text("mistral-7b")}, {}, "text_input"),
+    ],
+)
+def test_router_admission_errors_name_the_field(inputs, params, field):
+    with pytest.raises(ContractError) as e:
+        admit(inputs, params)
+    assert e.value.field == field
+
+
+def test_router_config_reads_the_file_and_parameters_win(tmp_path):
+    (tmp_path / "router.json").write_text(json.dumps({"policy": "edf", "tick_s": 0.05}))
+    cfg = load_router_config({"parameters": {"tick_s": {"string_value": "0.01"}}}, tmp_path)
+    assert (cfg.policy, cfg.tick_s) == ("edf", 0.01)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"policy": "lifo"}, "policy"),
+        ({"tick_s": 0}, "tick_s"),
+        ({"forward_priority": "sometimes"}, "forward_priority"),
+        ({"instance_servers": {"a": "http://x"}}, "instance_servers.a"),
+        ({"engine_backend": "trt"}, "engine_backend"),
+        ({"manager": {"nope": 1}}, "manager.nope"),
+        ({"polcy": "qlm"}, "polcy"),
+    ],
+)
+def test_router_config_errors_name_the_key(raw, key):
+    with pytest.raises(RouterConfigError) as e:
+        RouterConfig.from_mapping(raw)
+    assert e.value.key == key
+
+
+def test_router_config_remote_urls_and_backends():
+    cfg = RouterConfig.from_mapping(
+        {
+            "instance_servers": {"b": "grpc://10.0.0.2:8001"},
+            "instance_backends": {"b": "vllm"},
+            "engine_url": "h:1",
+        }
+    )
+    assert (cfg.url_for("a"), cfg.url_for("b")) == ("h:1", "10.0.0.2:8001")
+    assert (cfg.backend_for("a"), cfg.backend_for("b")) == ("sim", "vllm")
+
+
+def test_engine_config_from_json_and_parameters(tmp_path):
+    (tmp_path / "engine.json").write_text(
+        json.dumps({"model": "mistral-7b", "gpu": "A10", "time_scale": 0.5})
+    )
+    cfg = load_engine_config({"parameters": {"max_num_seqs": {"string_value": "8"}}}, tmp_path)
+    assert (cfg.gpu, cfg.time_scale, cfg.max_num_seqs) == ("A10", 0.5, 8)
+    assert isinstance(cfg, EngineConfig)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"model": "mistral-7b"}, "gpu"),
+        ({"model": "mistral-7b", "gpu": "V100"}, "gpu"),
+        ({"model": "llama-2-13b", "gpu": "A10", "tp": 1}, "tp"),
+        ({"model": "mistral-7b", "gpu": "A10", "time_scale": "fast"}, "time_scale"),
+        ({"model": "mistral-7b", "gpu": "A10", "scheduling": "lifo"}, "scheduling"),
+        ({"model": "mistral-7b", "gpu": "A10", "colour": "red"}, "colour"),
+    ],
+)
+def test_engine_config_errors_name_the_key(raw, key):
+    with pytest.raises(EngineConfigError) as e:
+        EngineConfig.from_mapping(raw)
+    assert e.value.key == key
