@@ -86,6 +86,7 @@ class TritonServer:
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
+        self.shm_prefix = f"qlm{os.getpid()}_{id(self) & 0xFFFFFF:x}_"
         for name in ("http_port", "grpc_port", "metrics_port"):
             port = getattr(self, name)
             if port == 0:
@@ -131,6 +132,9 @@ class TritonServer:
         if self.admin_key:
             restrict = f"model-repository:{ADMIN_HEADER}={self.admin_key}"
             args += [f"--http-restricted-api={restrict}", f"--grpc-restricted-protocol={restrict}"]
+        # Our own prefix for the Python backend's shared-memory regions, so that stop() can remove
+        # what a killed server leaves in /dev/shm (and nothing of anybody else's).
+        args.append(f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}")
         args += [f"--load-model={m}" for m in self.load_models]
         args += list(self.extra_args)
         return args
@@ -220,6 +224,9 @@ class TritonServer:
         deadline = time.monotonic() + 5
         while self.descendants() and time.monotonic() < deadline:
             time.sleep(0.05)
+        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
         if self._log:
             self._log.close()
             self._log = None
