@@ -11,6 +11,7 @@ BENCHES = {
     "router": "qlm_backend.bench.router",  # router overhead on a real Triton server
     "realtime": "qlm_backend.bench.realtime",  # qlm vs fcfs attainment, real time, real server
     "overload": "qlm_backend.bench.overload",  # 10x burst: completed / shed / lost per class
+    "soak": "qlm_backend.bench.soak",  # long trace-shaped load: lost requests, TTFT over time, RSS
 }
 
 
