@@ -283,13 +283,29 @@ def silence_highs_banner() -> None:
         os.close(saved)
 
 
+def reset_highs_scheduler() -> bool:
+    """HiGHS keeps one thread scheduler per process, started by the first solve with that solve's
+    thread count; a later solve asking for another count fails at once ("scheduler has already
+    been initialized to use N threads", model status "Not Set", PuLP's "Not Solved"). Something
+    else in the process (a library, a capacity estimate) may have solved first with the default
+    count, so a solve that comes back unsolved resets the scheduler and runs once more; without
+    this every planner LP failed and the planner silently fell back. True if reset."""
+    try:
+        import highspy
+
+        highspy.Highs.resetGlobalScheduler(True)
+    except (ImportError, AttributeError):  # pragma: no cover - older highspy: nothing to reset
+        return False
+    return True
+
+
 def solve_highspy(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | None, float]:
     import highspy
 
     silence_highs_banner()
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)
+    h.setOptionValue("threads", 1)  # one core (DESIGN.md section 7); see reset_highs_scheduler
     h.setOptionValue("time_limit", max(1e-4, time_limit_s))
     lp = highspy.HighsLp()
     lp.num_col_ = m.cols
@@ -309,6 +325,9 @@ def solve_highspy(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | No
     h.passModel(lp)
     h.run()
     st = h.getModelStatus()
+    if st == highspy.HighsModelStatus.kNotset and reset_highs_scheduler():
+        h.run()  # the process' scheduler had another thread count: reset, then solve
+        st = h.getModelStatus()
     if st == highspy.HighsModelStatus.kOptimal:
         x = np.asarray(h.getSolution().col_value)
         return SOLVER_OK, x, float(h.getInfo().objective_function_value)
@@ -352,6 +371,9 @@ def solve_pulp(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | None,
     solver = pulp.HiGHS(msg=False, timeLimit=max(1e-3, time_limit_s), threads=1)
     prob.solve(solver)
     status = pulp.LpStatus[prob.status]
+    if status == "Not Solved" and reset_highs_scheduler():
+        prob.solve(solver)  # see reset_highs_scheduler
+        status = pulp.LpStatus[prob.status]
     if status != "Optimal":
         return status.lower(), None, math.nan
     x = np.array([v.value() or 0.0 for v in xs])
@@ -359,17 +381,37 @@ def solve_pulp(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | None,
 
 
 def round_solution(p: Problem, m: LpModel, x: np.ndarray, buckets: int) -> Assignment:
-    """Requests per (group, instance) from the fractional shares (largest remainder); the late
-    (overflow) share follows the group's largest on-time share."""
+    """Requests per (group, instance) from the fractional shares (largest remainder).
+
+    The late (overflow) share has no capacity row, so the LP leaves where it runs open: it is
+    placed here, in deadline order, on the candidate whose queue (base load plus the on-time work
+    the LP put there plus the late work placed so far) finishes it first. Sending it with the
+    group's largest on-time share instead piled every wholly late group of an overload onto the
+    same instance (candidate 0 of each, ranked by base load alone), which qlm-eval wa/wc showed
+    as LP plans meeting fewer deadlines than the heuristic's."""
     G, k = p.cand.shape
     nb = buckets + 1
     xs = x[: m.n_x].reshape(G, k, nb)
     fin = xs[:, :, :buckets].sum(axis=2)
     over = xs[:, :, buckets].sum(axis=1)
-    best = np.argmax(fin, axis=1)
     share = fin.copy()
-    share[np.arange(G), best] += over
     share[p.cand < 0] = 0.0
+    load = p.base_s.copy()
+    valid = p.cand >= 0
+    gi, ci = np.nonzero(valid)
+    np.add.at(load, p.cand[gi, ci], share[gi, ci] * p.work_s[gi, ci])
+    late = np.nonzero(over > 1e-9)[0]
+    for g in late[np.argsort(p.slack_s[late], kind="stable")].tolist():
+        best_c, best_t = 0, math.inf
+        for c in range(k):
+            i = int(p.cand[g, c])
+            if i < 0:
+                break
+            t = load[i] + over[g] * p.work_s[g, c]
+            if t < best_t:
+                best_c, best_t = c, t
+        share[g, best_c] += over[g]
+        load[int(p.cand[g, best_c])] = best_t
     out: Assignment = []
     for g in range(G):
         n = int(p.n[g])
@@ -444,6 +486,7 @@ __all__ = [
     "build_matrix",
     "estimate_size",
     "predict_lp_s",
+    "reset_highs_scheduler",
     "round_solution",
     "silence_highs_banner",
     "solve_highspy",

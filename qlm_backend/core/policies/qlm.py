@@ -7,10 +7,11 @@ import time
 from collections.abc import Callable
 
 from qlm_backend.core.estimator import GroupForecast
+from qlm_backend.core.instances import InstanceState
 from qlm_backend.core.planner import GlobalPlanner, SolverMode
 from qlm_backend.core.policies.base import Plan, PlanContext, PolicyTraits, QueueEntry
 from qlm_backend.core.policies.common import p_meet_at, prune_previous, steal_for_idle, victims
-from qlm_backend.core.request import Request
+from qlm_backend.core.request import Request, RequestState
 
 
 class QlmPolicy:
@@ -147,14 +148,24 @@ class QlmPolicy:
                     continue
                 prio = ctx.classes[st0.req.slo_class].priority
                 vs = [
-                    v
-                    for v in victims(inst, ctx, now, below_priority=prio)
-                    if v.req.request_id not in chosen
+                    v for v in self._victims(inst, ctx, now, prio) if v.req.request_id not in chosen
                 ][:waiting]
                 for v in vs:
                     chosen.add(v.req.request_id)
                     out.append((v.req.request_id, f"slot for {f.group_id} (P {f.p_meet:.2f})"))
         return out
+
+    @staticmethod
+    def _victims(
+        inst: InstanceState, ctx: PlanContext, now: float, prio: int
+    ) -> list[RequestState]:
+        if ctx.config.evict_victims != "any":
+            return victims(inst, ctx, now, below_priority=prio)
+        # Lower classes first (their later tokens matter least), longest remaining within a class
+        # (victims() order, kept by the stable sort).
+        vs = victims(inst, ctx, now, below_priority=None)
+        vs.sort(key=lambda v: -v.priority)
+        return vs
 
 
 __all__ = ["QlmPolicy"]

@@ -4,6 +4,9 @@ solver has no budget."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from conftest import make_fleet, make_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -115,7 +118,9 @@ def test_plans_keep_every_request_exactly_once_and_one_model_per_instance(policy
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 200), seed=st.integers(0, 1000))
 def test_fallback_decides_when_budget_is_zero(n, seed) -> None:
-    qm = QueueManager(_fleet(), "qlm", ManagerConfig(plan_budget_s=0.0))
+    # lp_only_with_swaps off: with one model queued there is no swap choice and the heuristic
+    # would decide for that reason, not the budget's.
+    qm = QueueManager(_fleet(), "qlm", ManagerConfig(plan_budget_s=0.0, lp_only_with_swaps=False))
     for j in range(n):
         qm.add_request(
             make_request(f"r{j}", MODELS[(j + seed) % 2], CLASSES[(j * seed) % 3], 0.0), 0.0
@@ -150,7 +155,13 @@ def test_lp_size_gate_at_the_planner_benchmark_sizes() -> None:
 
     for queued, insts, path in ((1_000, 64, "lp"), (10_000, 256, "fallback")):
         qm = make_manager(queued, insts)
-        ctx = qm._context("test")
+        # The size gate alone: without the no-swap-choice rule (every pruned candidate may run
+        # the group's model already here, and then the heuristic decides before any size test)
+        # and without weighing the heuristic's plan against the LP's.
+        ctx = dataclasses.replace(
+            qm._context("test"),
+            config=qm.config.with_(lp_only_with_swaps=False, lp_replace_margin=math.inf),
+        )
         _, d, _ = GlobalPlanner(timer=lambda: 0.0).plan(ctx, 0.0)
         assert d.path == path, (queued, insts, d.reason)
         if path == "fallback":

@@ -334,7 +334,9 @@ from conftest import make_fleet, make_request
 from qlm_backend.core.api import QueueManager, ManagerConfig
 print("before", end=" ")
 # A generous budget: the first solve imports the solver, which must not push it to the fallback.
-for cfg in (ManagerConfig(plan_budget_s=60.0), ManagerConfig(plan_budget_s=60.0, pulp_max_cols=0)):
+# lp_only_with_swaps off: one model, no swap choice, and the LP would not be tried at all.
+base = ManagerConfig(plan_budget_s=60.0, lp_only_with_swaps=False)
+for cfg in (base, base.with_(pulp_max_cols=0)):
     qm = QueueManager(make_fleet(n=2), "qlm", cfg)
     for k in range(3):
         qm.add_request(make_request(f"r{k}", slo_class="batch-2"), 0.0)
