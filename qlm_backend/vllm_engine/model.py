@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import locale
 import math
@@ -73,6 +74,11 @@ class _Request:
     prompt_tokens: int = 0
     output_tokens: int = 0
     first_token: float | None = None
+    # vLLM's own engine-core timestamps (monotonic, same clock as time.monotonic()): when the
+    # scheduler first gave the request a seat, and when its first token was sampled.
+    scheduled_ts: float = 0.0
+    engine_first_token_ts: float = 0.0
+    first_sent: float = 0.0  # when the first response's send() returned (I/O thread)
     last_poll: float = 0.0
     final_queued: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
@@ -158,6 +164,13 @@ class VllmEngineModel:
                 self.logger.log_info(f"{self.name}: metrics disabled ({e})")
 
         self._active: dict[str, _Request] = {}
+        # Load as this glue sees it, on the loop thread: waiting = submitted to the engine and no
+        # token yet; running = first token until finished. vLLM's own scheduler stats arrive only
+        # with its periodic stats (a request that came and went between two can be missed), so
+        # the gauges are kept from these counts, right at any moment.
+        self._waiting = 0
+        self._running = 0
+        self._trace = params.get("TRACE_REQUESTS", "false").lower() == "true"
         self._closing = False
         self._io = _IoThread(self._poll_cancelled)
         self.loop = LoopThread(f"{self.name}-vllm")
@@ -187,44 +200,13 @@ class VllmEngineModel:
 
         # Created on the loop thread: AsyncLLM binds its output handler to the running loop.
         eargs = AsyncEngineArgs(**self.engine_args.engine_kwargs())
-        self.engine = AsyncLLM.from_engine_args(eargs, stat_loggers=[self._stat_logger_factory()])
+        self.engine = AsyncLLM.from_engine_args(eargs)
         if self._warmup:
             # The first request of a fresh engine pays one-off costs (oneDNN primitives, compile
             # cache load; 13 s measured with enforce_eager): pay them before reporting ready.
             sp = SamplingParams(max_tokens=2, ignore_eos=True)
             async for _ in self.engine.generate("warm up", sp, f"warmup-{uuid.uuid4().hex}"):
                 pass
-
-    def _stat_logger_factory(self) -> Any:
-        from vllm.v1.metrics.loggers import StatLoggerBase
-
-        model = self
-
-        class _SchedulerGauges(StatLoggerBase):
-            """Feeds vLLM's own scheduler counts (running / waiting) into the Triton gauges."""
-
-            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-                self._last = (-1, -1)
-
-            def record(
-                self,
-                scheduler_stats: Any,
-                iteration_stats: Any,
-                mm_cache_stats: Any = None,
-                engine_idx: int = 0,
-            ) -> None:
-                if scheduler_stats is None or model.metrics is None:
-                    return
-                load = (scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs)
-                if load != self._last:
-                    self._last = load
-                    m = model.metrics
-                    model._io.put(lambda: m.set_load(*load))
-
-            def log_engine_initialized(self) -> None:
-                pass
-
-        return _SchedulerGauges
 
     # --- requests -------------------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> None:
@@ -263,11 +245,10 @@ class VllmEngineModel:
         if wants_lp and d.get("logprobs") is None:
             # vLLM computes log-probabilities only when asked; 0 = the sampled token's alone.
             d["logprobs"] = 0
-        # Streams read deltas (each output carries only what is new; vLLM merges them if we fall
-        # behind); a non-streaming request needs only the final output.
-        d["output_kind"] = (
-            RequestOutputKind.DELTA if params.stream else RequestOutputKind.FINAL_ONLY
-        )
+        # Deltas for every request (each output carries only what is new; vLLM merges them if we
+        # fall behind): a non-streaming request gathers them and answers once, but its first token
+        # is still seen when it comes, so the running / waiting gauges are right for it too.
+        d["output_kind"] = RequestOutputKind.DELTA
         try:
             return SamplingParams(**d)
         except (TypeError, ValueError) as e:
@@ -282,7 +263,12 @@ class VllmEngineModel:
         req = _Request(f"{self.name}-{uuid.uuid4().hex}", sender, params, time.monotonic())
         req.last_poll = req.arrival
         self._active[req.rid] = req
+        self._waiting += 1
+        self._publish_load()
         req.task = self.loop.loop.create_task(self._generate(req, sampling))
+        # In a done callback, not the coroutine's finally: a task cancelled before its first step
+        # never runs its body, and the counts must still come down.
+        req.task.add_done_callback(functools.partial(self._settle, req))
 
     async def _generate(self, req: _Request, sampling: Any) -> None:
         reason = "error"
@@ -291,12 +277,21 @@ class VllmEngineModel:
                 req.params.prompt, sampling, req.rid, priority=req.params.priority
             )
             cumulative = 0.0
+            # A non-streaming request gathers its deltas here and answers once, at the end.
+            texts: list[str] = []
+            logprobs: list[Any] = []
             async for out in gen:
                 c = out.outputs[0]
                 if req.first_token is None and c.token_ids:
                     req.first_token = time.monotonic()
+                    self._waiting -= 1
+                    self._running += 1
+                    self._publish_load()
+                    if out.metrics is not None:
+                        req.scheduled_ts = out.metrics.scheduled_ts
+                        req.engine_first_token_ts = out.metrics.first_token_ts
                 req.prompt_tokens = len(out.prompt_token_ids or ())
-                # DELTA outputs carry only new tokens; a FINAL_ONLY output carries all of them.
+                # DELTA outputs carry only new tokens (streaming or not, see _sampling).
                 n_new = len(c.token_ids)
                 req.output_tokens += n_new
                 if c.cumulative_logprob is not None:
@@ -304,18 +299,26 @@ class VllmEngineModel:
                 elif not req.params.returns.isdisjoint({"return_cumulative_logprob"}):
                     cumulative = math.nan
                 final = bool(out.finished)
+                if not req.params.stream:
+                    texts.append(c.text)
+                    if c.logprobs is not None:
+                        logprobs.extend(c.logprobs)
                 if req.params.stream or final:
-                    text = c.text
-                    if final and not req.params.stream and req.params.prepend_input:
-                        text = req.params.prompt + text
+                    if req.params.stream:
+                        text, lp, n_out = c.text, c.logprobs, n_new
+                    else:
+                        text, n_out = "".join(texts), req.output_tokens
+                        lp = logprobs if c.logprobs is not None else None
+                        if req.params.prepend_input:
+                            text = req.params.prompt + text
                     arrays = output_arrays(
                         req.params.returns,
                         text,
                         c.finish_reason if final else None,
                         cumulative,
-                        _logprobs_json(c.logprobs) if c.logprobs is not None else None,
+                        _logprobs_json(lp) if lp is not None else None,
                         req.prompt_tokens,
-                        n_new,
+                        n_out,
                     )
                     self._send(req, arrays, final)
                     if not final:
@@ -350,8 +353,37 @@ class VllmEngineModel:
             kind = "invalid" if _is_client_error(e) else error_kind(e)
             self._error(req, f"{self.name}: {e}", kind)
         finally:
-            self._active.pop(req.rid, None)
             self._observe(req, reason)
+            if self._trace:
+                self._trace_request(req, reason)
+
+    def _settle(self, req: _Request, _task: object = None) -> None:
+        self._active.pop(req.rid, None)
+        if req.first_token is None:
+            self._waiting -= 1
+        else:
+            self._running -= 1
+        self._publish_load()
+
+    def _publish_load(self) -> None:
+        m = self.metrics
+        if m is not None:
+            load = (self._running, self._waiting)
+            self._io.put(lambda: m.set_load(*load))
+
+    def _trace_request(self, req: _Request, reason: str) -> None:
+        """One log line per request with glue- and engine-side times (monotonic seconds), to see
+        where a request waited: before vLLM scheduled it, in the engine, or on the way out."""
+        line = (
+            f"{self.name}: trace rid={req.rid} priority={req.params.priority} "
+            f"arrival={req.arrival:.4f} scheduled={req.scheduled_ts:.4f} "
+            f"engine_first_token={req.engine_first_token_ts:.4f} "
+            f"glue_first_token={req.first_token or 0.0:.4f} first_sent={req.first_sent:.4f} "
+            f"prompt_tokens={req.prompt_tokens} output_tokens={req.output_tokens} "
+            f"reason={reason}"
+        )
+        log = self.logger.log_info
+        self._io.put(lambda: log(line))
 
     def _send(self, req: _Request, arrays: dict[str, np.ndarray], final: bool) -> None:
         if req.final_queued:
@@ -365,6 +397,8 @@ class VllmEngineModel:
         def send() -> None:
             try:
                 sender.send(response, flags=flags)
+                if not req.first_sent:
+                    req.first_sent = time.monotonic()
             finally:
                 call(req.sent.set)
 

@@ -41,11 +41,24 @@ class VllmServer:
     server: TritonServer
     load_s: float
     engine_pids: list[int]
+    log_path: Path
     figures: dict[str, Any] = field(default_factory=dict)
 
     @property
     def grpc_url(self) -> str:
         return self.server.grpc_url
+
+    def traces(self) -> dict[str, dict[str, float]]:
+        """The engine's per-request trace lines (TRACE_REQUESTS), by request id."""
+        out: dict[str, dict[str, float]] = {}
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if ": trace rid=" not in line:
+                continue
+            kv = dict(f.split("=", 1) for f in line.split(": trace ", 1)[1].split())
+            rid = kv.pop("rid")
+            kv.pop("reason", None)
+            out[rid] = {k: float(v) for k, v in kv.items()}
+        return out
 
     def metrics(self) -> dict[str, float]:
         """vllm:* samples of this engine, keyed by name plus labels other than model/version."""
@@ -80,6 +93,8 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
     (dst / "1" / "model.json").write_text(json.dumps(args, indent=2))
     cfg = (dst / "config.pbtxt").read_text()
     cfg = cfg.replace("$$TRITON_MODEL_DIRECTORY/../../.venv-vllm", str(VENV))
+    # One log line per request with engine-side times: what the priority test compares.
+    cfg += '\nparameters { key: "TRACE_REQUESTS" value { string_value: "true" } }\n'
     (dst / "config.pbtxt").write_text(cfg)
     log = tmp_path_factory.mktemp("vllm-log") / "tritonserver.log"
     # Free ports are picked before the server binds them; another process on this machine can take
@@ -94,7 +109,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
             if "Address already in use" not in str(e) or attempt == 2:
                 raise
     pids = [p for p in server.descendants() if p != server.pid]
-    vs = VllmServer(server, load_s, pids)
+    vs = VllmServer(server, load_s, pids, log)
     vs.figures.update(
         engine_load_s=round(load_s, 1),
         engine_processes=len(pids),

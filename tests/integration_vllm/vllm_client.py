@@ -87,16 +87,27 @@ class Stream:
         inputs: list[grpcclient.InferInput],
         outputs: tuple[str, ...] = ("text_output",),
         parameters: dict[str, Any] | None = None,
+        model: str = ENGINE,
+        send: bool = True,
     ) -> None:
         self.q: queue.Queue[tuple[Any, Any, float]] = queue.Queue()
         self.client = grpcclient.InferenceServerClient(url)
         self.client.start_stream(callback=self._cb)
         self.outputs = outputs
+        self._request = (model, inputs, parameters)
+        self.t0 = 0.0
+        if send:
+            self.send()
+
+    def send(self) -> None:
+        """Sends the request (connecting takes time on a busy machine: a caller that needs several
+        requests to arrive together connects them all first, then sends)."""
+        model, inputs, parameters = self._request
         self.t0 = time.monotonic()
         self.client.async_stream_infer(
-            ENGINE,
+            model,
             inputs,
-            outputs=[grpcclient.InferRequestedOutput(o) for o in outputs],
+            outputs=[grpcclient.InferRequestedOutput(o) for o in self.outputs],
             parameters=parameters,
             enable_empty_final_response=True,
         )
