@@ -18,12 +18,14 @@ from qlm_backend.core.problem import Problem
 Assignment = list[tuple[int, int, int]]  # (group index, instance index, number of requests)
 
 
-def swap_aware_edf(p: Problem) -> Assignment:
+def swap_aware_edf(p: Problem, hopeless_before_slack_s: float = math.inf) -> Assignment:
     G, k = p.cand.shape
     cursor = p.base_s.copy()
     models_on: list[set[str]] = [{c} if c is not None else set() for c in p.current]
     lost = p.slack_s < p.prefill_s[:, 0]
-    order = np.lexsort((-p.weight, p.slack_s, lost))
+    # Tiers: meetable, then hopeless (EDF among them), then far-deadline work (ordering.py).
+    tier = np.where(lost, 1, np.where(p.slack_s > hopeless_before_slack_s, 2, 0))
+    order = np.lexsort((-p.weight, p.slack_s, tier))
     out: Assignment = []
     cand, work, swap, pre, slack = p.cand, p.work_s, p.swap_s, p.prefill_s, p.slack_s
     for g in order.tolist():

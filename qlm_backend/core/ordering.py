@@ -22,7 +22,13 @@ def _entry_key(e: QueueEntry, ctx: PlanContext, now: float) -> tuple[int, float,
     st = ctx.requests[e.request_ids[0]]
     dl = st.req.deadline_s
     weight = ctx.classes[st.req.slo_class].weight
-    return (1 if dl < now else 0, dl, -weight)
+    if dl < now:
+        tier = 1  # hopeless: behind what can still be met ...
+    elif dl - now > ctx.config.hopeless_before_slack_s:
+        tier = 2  # ... but ahead of far-deadline work, which can wait without missing
+    else:
+        tier = 0
+    return (tier, dl, -weight)
 
 
 def order_queue(

@@ -50,20 +50,25 @@ class GlobalPlanner:
         if p.num_groups == 0:
             return [], "fallback", "nothing queued", info
         if self.solver == "fallback":
-            return swap_aware_edf(p), "fallback", "fallback forced", info
+            return (
+                swap_aware_edf(p, cfg.hopeless_before_slack_s),
+                "fallback",
+                "fallback forced",
+                info,
+            )
         if self.solver == "auto" and cfg.lp_only_with_swaps and not bool((p.swap_s > 0).any()):
             why = "no model-swap choice: heuristic load balancing"
-            return swap_aware_edf(p), "fallback", why, info
+            return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
         cols, nnz = estimate_size(p, cfg.time_buckets)
         info["cols"] = float(cols)
         budget = cfg.plan_budget_s - (self.timer() - t_start)
         if self.solver == "auto":
             if budget <= 0:
                 why = f"budget {cfg.plan_budget_s * 1e3:.0f} ms exhausted before solve"
-                return swap_aware_edf(p), "fallback", why, info
+                return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
             if cols > cfg.lp_max_cols:
                 why = f"too big: {cols} columns > lp_max_cols {cfg.lp_max_cols}"
-                return swap_aware_edf(p), "fallback", why, info
+                return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
             # Straight to the fallback when the LP would not fit: trying it and running out of
             # budget would cost the LP's time plus the fallback's.
             predicted = predict_lp_s(nnz, cfg.lp_s_per_nonzero, cfg.lp_nnz_knee)
@@ -73,7 +78,7 @@ class GlobalPlanner:
                     f"predicted LP time {predicted * 1e3:.1f} ms + {rest * 1e3:.1f} ms after it > "
                     f"budget left {budget * 1e3:.1f} ms ({cols} columns, {nnz} nonzeros)"
                 )
-                return swap_aware_edf(p), "fallback", why, info
+                return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
         else:
             budget = max(budget, 3600.0)  # forced LP (benchmarks): no budget
         res = solve_lp(
@@ -90,7 +95,7 @@ class GlobalPlanner:
         )
         if res.status != "optimal":
             why = f"solver {res.status} ({res.formulation}, budget {budget * 1e3:.1f} ms)"
-            return swap_aware_edf(p), "fallback", why, info
+            return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
         return res.assignment, "lp", f"lp optimal ({res.formulation}, {res.cols} columns)", info
 
     def plan(
@@ -123,7 +128,7 @@ class GlobalPlanner:
             # plan costs O(G k) plus one more ordering, so weigh it too and keep the plan with
             # fewer expected weighted violations (qlm-eval wa: the LP alone planned worse than
             # the heuristic alone).
-            h_assign = swap_aware_edf(p)
+            h_assign = swap_aware_edf(p, ctx.config.hopeless_before_slack_s)
             hq, hf, hv = self._materialise(ctx, now, gl, p, h_assign, keep)
             if hv <= total_viol - ctx.config.lp_replace_margin:
                 why = (

@@ -147,3 +147,27 @@ for cfg in (base, base.with_(pulp_max_cols=0)):
     )
     # (The script's own first Highs() prints HiGHS' banner before the core is imported.)
     assert res.stdout.split()[-2:] == ["lp", "lp"], (res.stdout, res.stderr[-2000:])
+
+
+def test_hopeless_work_waits_behind_meetable_work_but_ahead_of_far_deadlines() -> None:
+    # At t=100: "late" (interactive, arrived at 0, deadline 20) can no longer meet its SLO; "b1"
+    # (batch-1, deadline 150) still can; "b2" (batch-2, deadline 3690) has an hour of slack.
+    # Default: b1 first (it can still be met), then late (bounded lateness: it does not wait for
+    # work that can wait), then b2. With hopeless_before_slack_s = inf (pure attainment) the late
+    # request goes last, behind even the hour-away batch work.
+    from qlm_backend.core.ordering import order_queue
+    from qlm_backend.core.policies.base import QueueEntry
+
+    for cfg, want in (
+        (ManagerConfig(), ["b1", "late", "b2"]),
+        (ManagerConfig(hopeless_before_slack_s=float("inf")), ["b1", "b2", "late"]),
+    ):
+        qm = QueueManager(make_fleet(n=1), "qlm", cfg)
+        for rid, cls, t in (("late", "interactive", 0.0), ("b1", "batch-1", 90.0)):
+            qm.add_request(make_request(rid, slo_class=cls, arrival_s=t), t)
+        qm.add_request(make_request("b2", slo_class="batch-2", arrival_s=90.0), 90.0)
+        ctx = qm._context("test")
+        entries = [QueueEntry(qm.requests[r].group_id or "", (r,)) for r in ("b2", "late", "b1")]
+        inst = qm.instances["i-0"]
+        ordered, _ = order_queue(inst, entries, ctx, 100.0)
+        assert [e.request_ids[0] for e in ordered] == want
