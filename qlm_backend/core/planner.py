@@ -1,10 +1,11 @@
 """Global planner: assign request groups to virtual queues and order them.
 
-Path choice, recorded in the decision: the LP (lp.py) when the problem is small enough to be built
-and solved inside the time budget; otherwise, or when the solver runs out of budget, the fallback
-heuristic (heuristic.py). Either way each instance's queue is then ordered by ordering.py (model
-blocks, EDF, swap hysteresis) and forecast by the RWT estimator, whose expected weighted violations
-are recorded.
+Path choice, recorded in the decision: the LP (lp.py) when some group has a model-swap choice and
+the problem is small enough to be built and solved inside the time budget; otherwise, or when the
+solver runs out of budget, the fallback heuristic (heuristic.py). Either way each instance's queue
+is then ordered by ordering.py (model blocks, EDF, swap hysteresis) and forecast by the RWT
+estimator, whose expected weighted violations are recorded; where the LP decided, the heuristic's
+plan is forecast too and replaces the LP's if it is clearly better (config.lp_replace_margin).
 """
 
 from __future__ import annotations
