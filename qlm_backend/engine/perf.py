@@ -20,6 +20,11 @@ class Efficiency:
     prefill_mfu: float = hw.PREFILL_MFU
     decode_mfu: float = hw.DECODE_MFU
     step_overhead_s: float = hw.STEP_OVERHEAD_S
+    # Per-request latency outside the engine (server frontend, gRPC, the model's stub): added to
+    # when each token is delivered, so it shifts a request's stream without changing the engine's
+    # schedule. 0 for the GPU profiles (their sourced figures are engine-side); a measured profile
+    # that is compared end to end through a server sets it.
+    request_overhead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -157,11 +162,13 @@ __all__ = ["Efficiency", "PerfModel", "required_tp", "tokens_per_s_table"]
 
 
 # --- measured CPU profile (see hardware.py's "measured CPU profile") -----------------------------
-# The tiny model on 2 CPU cores: the effective FLOP rate is already folded into the "peak", so the
-# efficiency factors are 1; the fixed per-step cost is the measured one.
+# The tiny model on 2 CPU cores: the decode-fitted FLOP rate is already folded into the "peak", so
+# the decode factors are 1; prefill runs faster than that rate, the fixed per-step cost and the
+# per-request cost outside the engine are measured (hardware.py, with how).
 CPU_TINY_EFFICIENCY = Efficiency(
     decode_bandwidth=1.0,
-    prefill_mfu=1.0,
+    prefill_mfu=hw.CPU_TINY_PREFILL_MFU,
     decode_mfu=1.0,
     step_overhead_s=hw.CPU_TINY_STEP_OVERHEAD_S,
+    request_overhead_s=hw.CPU_TINY_REQUEST_OVERHEAD_S,
 )

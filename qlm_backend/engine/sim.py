@@ -292,5 +292,7 @@ class SimEngine:
                 self._release(s)
                 self._ids.discard(s.req.request_id)
                 self.stats.finished += 1
-            events.append(TokenEvent(s.req.request_id, idx, it.end_s, done, reason))
+            # Delivery time: the engine's step end plus the profile's per-request frontend cost.
+            t = it.end_s + self.perf.eff.request_overhead_s
+            events.append(TokenEvent(s.req.request_id, idx, t, done, reason))
         return events
