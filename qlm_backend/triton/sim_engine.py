@@ -37,6 +37,8 @@ from qlm_backend.triton.glue import (
 )
 
 INPUTS = ("text_input", "sampling_parameters", "priority", *BOOL_INPUTS)
+# is_cancelled() is an IPC round trip: poll each request this often (wall seconds), not every step.
+CANCEL_POLL_S = 0.05
 
 
 @dataclass
@@ -83,6 +85,7 @@ class SimEngineModel:
         self._t0 = time.monotonic()
         self._wake: asyncio.Event | None = None
         self._closing = False
+        self._last_cancel_poll = 0.0
         self.loop = LoopThread(f"{self.name}-engine")
         self._runner = self.loop.submit(self._run())
         self.logger.log_info(
@@ -233,7 +236,10 @@ class SimEngineModel:
                     self.metrics.finished("abort")
 
     def _check_cancelled(self) -> None:
-        # One IPC per request per step: cheap next to a step, and how vllm_backend polls too.
+        now = time.monotonic()
+        if now - self._last_cancel_poll < CANCEL_POLL_S:
+            return
+        self._last_cancel_poll = now
         for rid, act in list(self._active.items()):
             if act.sender.is_cancelled():
                 self.engine.abort(rid, self._now())
