@@ -105,13 +105,16 @@ class QlmPolicy:
         recompute, not an SLO (qlm-eval load 2, seeds 0/1: wa 0.867/0.830 -> 0.919/0.890 and
         wc 0.644/0.667 -> 0.886/0.892 with the other changes of that commit)."""
         cfg = ctx.config
+        cooldown = (
+            cfg.evict_cooldown_s if cfg.qlm_evict_cooldown_s is None else cfg.qlm_evict_cooldown_s
+        )
         out: list[tuple[str, str]] = []
         for iid, entries in queues.items():
             inst = ctx.instances[iid]
             fcs = forecasts.get(iid)
             if not entries or not fcs or len(fcs) != len(entries) or not inst.in_flight:
                 continue
-            if inst.loading is not None or now - inst.last_evict_s < cfg.evict_cooldown_s:
+            if inst.loading is not None or now - inst.last_evict_s < cooldown:
                 continue
             est = ctx.estimator
             head = ctx.requests[entries[0].request_ids[0]].req

@@ -83,7 +83,7 @@ def test_wholly_late_groups_are_spread_not_piled_on_one_instance() -> None:
     assert out == [(0, 1, 4), (1, 0, 4), (2, 1, 4), (3, 0, 4)]
 
 
-def _busy_interactive(evict_victims: str) -> QueueManager:
+def _busy_interactive(evict_victims: str, **cfg: object) -> QueueManager:
     # One A10 with 4 slots, all held by interactive requests that have their first token; an
     # interactive request with a 1.5 s TTFT SLO arrives at t=4 and cannot get a slot in time.
     fleet = parse_fleet(
@@ -99,7 +99,7 @@ def _busy_interactive(evict_victims: str) -> QueueManager:
             ]
         }
     )
-    qm = QueueManager(fleet, "qlm", ManagerConfig(evict_victims=evict_victims))
+    qm = QueueManager(fleet, "qlm", ManagerConfig(evict_victims=evict_victims).with_(**cfg))
     for i in range(4):
         qm.add_request(qm.make_request(f"b{i}", "mistral-7b", "interactive", 0.0, 4, 400), 0.0)
     pulls = [a for a in qm.plan(0.0) if isinstance(a, Pull)]
@@ -171,3 +171,16 @@ def test_hopeless_work_waits_behind_meetable_work_but_ahead_of_far_deadlines() -
         inst = qm.instances["i-0"]
         ordered, _ = order_queue(inst, entries, ctx, 100.0)
         assert [e.request_ids[0] for e in ordered] == want
+
+
+def test_qlm_cooldown_is_its_own_and_the_baselines_keep_theirs() -> None:
+    # qlm_evict_cooldown_s is read by QLM only: a baseline's eviction rate (evict_cooldown_s)
+    # stays what it was; None hands QLM the shared value again.
+    cfg = ManagerConfig()
+    assert cfg.evict_cooldown_s == 2.0 and cfg.qlm_evict_cooldown_s == 5.0
+    # The instance last evicted at t=1, 3 s before the request at risk: inside QLM's 5 s
+    # cooldown (no eviction), outside the shared 2 s one (the eviction of the test above).
+    for extra, evicts in (({}, False), ({"qlm_evict_cooldown_s": None}, True)):
+        qm = _busy_interactive("any", **extra)
+        qm.instances["q-a10-0"].last_evict_s = 1.0
+        assert bool([a for a in qm.plan(4.0) if isinstance(a, Evict)]) is evicts
