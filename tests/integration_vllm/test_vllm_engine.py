@@ -135,10 +135,11 @@ def test_stream_without_exclude_input_is_an_error(vllm_server: VllmServer) -> No
     assert r.error is not None and "exclude_input_in_output" in r.error
 
 
-def test_cancel_mid_stream_aborts_engine_request(vllm_server: VllmServer) -> None:
-    before = vllm_server.metrics()
+def _cancel_once(vs: VllmServer) -> tuple[float, float, dict[str, float]]:
+    """One 2,000-token stream cancelled after its first reply; returns (aborted, generated, after)."""
+    before = vs.metrics()
     s = Stream(
-        vllm_server.grpc_url,
+        vs.grpc_url,
         make_inputs(
             PROMPT,
             True,
@@ -148,31 +149,40 @@ def test_cancel_mid_stream_aborts_engine_request(vllm_server: VllmServer) -> Non
         ),
         outputs=("text_output", "num_output_tokens"),
     )
-    got = 0
-    while got < 10:
-        reply = s.next()
-        assert not isinstance(reply, str), reply
-        got += int(reply.outputs["num_output_tokens"][0])
+    reply = s.next()
+    assert not isinstance(reply, str), reply
     s.cancel()
     s.client.close()
     # The engine stops generating for it: the abort is counted and nothing stays running. Generous
     # deadline: with other test runs on this 2-core machine (load average 12 seen) every IPC lags.
     deadline = time.monotonic() + 30
-    after = vllm_server.metrics()
+    aborted = generated = 0.0
+    after = vs.metrics()
     while time.monotonic() < deadline:
-        after = vllm_server.metrics()
+        after = vs.metrics()
         aborted = after.get("vllm:request_success_total:abort", 0) - before.get(
             "vllm:request_success_total:abort", 0
         )
-        if aborted >= 1 and after.get("vllm:num_requests_running", 1) == 0:
+        generated = after["vllm:generation_tokens_total"] - before.get(
+            "vllm:generation_tokens_total", 0
+        )
+        if after.get("vllm:num_requests_running", 1) == 0 and (aborted >= 1 or generated >= 2000):
             break
         time.sleep(0.2)
+    return aborted, generated, after
+
+
+def test_cancel_mid_stream_aborts_engine_request(vllm_server: VllmServer) -> None:
+    # Under load the first reply reached this client 1-3 s after the engine sent it, by which time
+    # the engine (~1,000 tokens/s for one stream) had produced all 2,000 tokens and the cancel had
+    # nothing left to stop (the trace said "length"): such a try is repeated, never judged.
+    for _ in range(3):
+        aborted, generated, after = _cancel_once(vllm_server)
+        if generated < 2000:
+            break
     assert aborted == 1
     assert after["vllm:num_requests_running"] == 0
-    generated = after["vllm:generation_tokens_total"] - before.get(
-        "vllm:generation_tokens_total", 0
-    )
-    assert generated < 2000  # stopped early: 2,000 tokens take seconds at this engine's speed
+    assert generated < 2000  # stopped early
     # And the server keeps serving.
     r = generate(
         vllm_server.grpc_url, PROMPT, True, {"max_tokens": 4}, exclude_input_in_output=True
@@ -186,9 +196,27 @@ def test_running_and_waiting_gauges(vllm_server: VllmServer) -> None:
     max_num_seqs running and the rest waiting while the engine is full, both 0 once all are done,
     aborted ones included."""
     n = MAX_NUM_SEQS + 2
+    full = (MAX_NUM_SEQS, n - MAX_NUM_SEQS)
+    seen: list[tuple[float, float]] = []
+    # A metrics scrape took up to 4.9 s on this shared machine, longer than the window in which
+    # the engine is full (2,000 tokens a request): a scenario whose scrapes missed it is repeated.
+    for _ in range(3):
+        seen = _fill_and_watch(vllm_server, n, full)
+        if full in seen:
+            break
+    assert full in seen, seen
+    deadline = time.monotonic() + 30
+    m = vllm_server.metrics()
+    while (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"]) != (0, 0):
+        assert time.monotonic() < deadline, m
+        time.sleep(0.05)
+        m = vllm_server.metrics()
+
+
+def _fill_and_watch(vs: VllmServer, n: int, full: tuple[int, int]) -> list[tuple[float, float]]:
     streams = [
         Stream(
-            vllm_server.grpc_url,
+            vs.grpc_url,
             make_inputs(
                 f"{PROMPT} {i}",
                 True,
@@ -203,26 +231,21 @@ def test_running_and_waiting_gauges(vllm_server: VllmServer) -> None:
         s.send()
     seen: list[tuple[float, float]] = []
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            m = vllm_server.metrics()
+            m = vs.metrics()
             load = (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"])
             seen.append(load)
+            # Never more running than seats, never more in the engine than were sent.
             assert load[0] <= MAX_NUM_SEQS and sum(load) <= n, seen
-            if load == (MAX_NUM_SEQS, n - MAX_NUM_SEQS):
+            if load == full or load == (0, 0) and len(seen) > 1 and seen[-2] != (0, 0):
                 break
             time.sleep(0.01)
-        assert seen[-1] == (MAX_NUM_SEQS, n - MAX_NUM_SEQS), seen
     finally:
         for s in streams:  # 2,000 tokens each, all 4 would take seconds: abort them
             s.cancel()
             s.client.close()
-    deadline = time.monotonic() + 10
-    m = vllm_server.metrics()
-    while (m["vllm:num_requests_running"], m["vllm:num_requests_waiting"]) != (0, 0):
-        assert time.monotonic() < deadline, m
-        time.sleep(0.05)
-        m = vllm_server.metrics()
+    return seen
 
 
 def _priority_run(vs: VllmServer, use_priority: bool, low_tokens: list[int]) -> dict[str, Any]:
@@ -237,7 +260,6 @@ def _priority_run(vs: VllmServer, use_priority: bool, low_tokens: list[int]) -> 
     this client saw it is compared as well."""
     url = vs.grpc_url
     low_prio, high_prio = (10, 0) if use_priority else (0, 0)
-    n_queued = len(low_tokens) - MAX_NUM_SEQS
     t_start = time.monotonic()
     # The long ones are non-streaming: one reply each. Streamed, their thousands of replies
     # flood this Python client (and Triton's gRPC writes to it), and the urgent request's first
@@ -265,20 +287,10 @@ def _priority_run(vs: VllmServer, use_priority: bool, low_tokens: list[int]) -> 
     # machine is busy, long enough for the first long request to finish before the last arrives.
     for s in lows:
         s.send()
-    # The urgent request goes once the engine itself reports max_num_seqs running and the rest
-    # waiting (the glue's gauges, right at any moment).
-    deadline = time.monotonic() + 60
-    seen = []
-    while True:
-        m = vs.metrics()
-        load = (m.get("vllm:num_requests_running"), m.get("vllm:num_requests_waiting"))
-        seen.append((round(time.monotonic() - t_start, 3), load))
-        # At least all but one queued: a scrape can stall for seconds on this busy 2-core
-        # machine (3 s seen) and miss a short window; the trace below says which really queued.
-        if load[0] == MAX_NUM_SEQS and (load[1] or 0) >= n_queued - 1:
-            break
-        assert time.monotonic() < deadline, f"the engine never queued the long requests: {seen}"
-        time.sleep(0.01)
+    # A fixed wait, then checked on the engine's trace ("queued" below): polling the metrics
+    # endpoint for the gauges was tried, but one scrape took up to 4.9 s on this shared machine and
+    # missed the window. The shortest long request takes ~2 s, so the queue still stands.
+    time.sleep(1.0)
     high.send()
     results = [s.collect() for s in [*lows, high]]
     assert all(r.error is None for r in results), [r.error for r in results]
@@ -315,10 +327,21 @@ def test_priority_serves_urgent_request_before_queued_ones(vllm_server: VllmServ
     # 2 run (max_num_seqs), 3 queue; long enough (the shortest ~2 s at this engine's speed) that
     # the queue still stands when the urgent request arrives.
     low_tokens = [1200, 1400, 1600, 1800, 2000]  # prompt + max_tokens <= max_model_len 2048
-    fcfs = _priority_run(vllm_server, False, low_tokens)
-    prio = _priority_run(vllm_server, True, low_tokens)
-    vllm_server.figures["priority_test"] = {"without_priority": fcfs, "with_priority": prio}
     n_queued = len(low_tokens) - MAX_NUM_SEQS
+
+    def run(use_priority: bool) -> dict[str, Any]:
+        # On this shared machine the back-to-back sends were seen reaching the engine 1.8 s apart
+        # under load, so the first long request could finish before the urgent one arrived:
+        # such a run has no real queue; it is repeated (up to 3 times), never judged.
+        for _ in range(3):
+            r = _priority_run(vllm_server, use_priority, low_tokens)
+            if r["queued"] >= n_queued - 1:
+                break
+        return r
+
+    fcfs = run(False)
+    prio = run(True)
+    vllm_server.figures["priority_test"] = {"without_priority": fcfs, "with_priority": prio}
     assert fcfs["queued"] >= n_queued - 1 and prio["queued"] >= n_queued - 1
     # Without priority the urgent request waits behind every queued long one ...
     assert fcfs["high_ttft_s"] > max(fcfs["queued_first_token_s"])
