@@ -228,7 +228,7 @@ class RouterModel:
                 st.instance = a.instance_id
                 if st.dispatched_wall is None:
                     st.dispatched_wall = time.monotonic()
-                self._spawn(self._dispatch(st, a.instance_id, a.priority, st.gen))
+                self._spawn(self._dispatch(st, a.instance_id, self._engine_priority(st, a), st.gen))
         elif isinstance(a, Evict):
             self.metrics.lso("evict_swap" if a.resume == "swap" else "evict")
             st = self.reqs.get(a.request_id)
@@ -256,6 +256,15 @@ class RouterModel:
             self.metrics.lso("rebalance")
 
     # --- dispatch -----------------------------------------------------------------------------
+    def _engine_priority(self, st: _Req, pull: Pull) -> int:
+        """The priority the engine sees. A policy that schedules in the engine by priority sets it
+        on the Pull; every other router-held policy (qlm, edf, shepherd) still passes the class
+        priority, so vLLM's priority scheduling orders what is in flight the same way. fcfs is vLLM
+        alone: the engine sees no priority."""
+        if self.cfg.policy == "fcfs":
+            return pull.priority
+        return max(pull.priority, self.qm.classes[st.rr.slo_class].priority)
+
     def _engine_fields(self, st: _Req, priority: int) -> dict[str, Any]:
         p = st.rr.params
         sampling = p.sampling.as_vllm_dict()
