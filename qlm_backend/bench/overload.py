@@ -36,7 +36,7 @@ from typing import Any
 from qlm_backend.client import AsyncGrpcClient, Request, Result
 from qlm_backend.core.slo import DEFAULT_SLO_CLASSES
 from qlm_backend.engine.perf import PerfModel
-from qlm_backend.triton.repository import add_fleet
+from qlm_backend.triton.repository import add_fleet, uniform_instances
 from qlm_backend.triton.server import TritonServer, rss_bytes
 
 POLICIES = ("qlm", "fcfs")
@@ -111,16 +111,7 @@ def build(base: Path, a: argparse.Namespace) -> tuple[Path, list[str]]:
             repo,
             router,
             policy,
-            [
-                {
-                    "instance_id": f"ov{policy[0]}-{k}",
-                    "gpu": a.gpu,
-                    "models_allowed": [a.model],
-                    "initial_model": a.model,
-                    "max_in_flight": a.max_num_seqs,
-                }
-                for k in range(a.instances)
-            ],
+            uniform_instances(f"ov{policy[0]}", a.gpu, a.model, a.instances, a.max_num_seqs),
             {"time_scale": a.time_scale, "max_num_seqs": a.max_num_seqs},
             {"time_scale": a.time_scale},
         )
@@ -339,10 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(3.0)  # the routers see the cancellations and push their gauges
         metrics = scrape(server.metrics_url)
         rss_after = rss_bytes(server.descendants())
-        if server.proc is not None and server.proc.poll() is not None:
-            crashed = (
-                f"tritonserver exited with code {server.proc.returncode} (log {server.log_path})"
-            )
+        crashed = server.crash_report()
     finally:
         server.stop()
     summary = summarize(run, a)

@@ -266,17 +266,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def server_crash(server: TritonServer) -> str | None:
-    """A line saying the server died during the run (then the numbers are not a measurement)."""
-    if server.proc is None or server.proc.poll() is None:
-        return None
-    msg = f"tritonserver exited with code {server.proc.returncode} during the run"
-    if server.log_path is not None:
-        msg += f" (log: {server.log_path})"
-    print(f"qlm-bench: {msg}", file=sys.stderr)
-    return msg
-
-
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     ws, cap_rps = workload(a.trace, a.requests, a.max_tokens, a.seed, a.instances, a.max_num_seqs)
@@ -302,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(replay(server.grpc_url, ws, a, run))
     finally:
-        crashed = server_crash(server)
+        crashed = server.crash_report()
+        if crashed:
+            print(f"qlm-bench: {crashed}", file=sys.stderr)
         server.stop()
     wall_s = time.monotonic() - t0
     summary = summarize(run, a.time_scale)

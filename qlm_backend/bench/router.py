@@ -158,17 +158,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def server_crash(server: TritonServer) -> str | None:
-    """A line saying the server died during the run (then the numbers are not a measurement)."""
-    if server.proc is None or server.proc.poll() is None:
-        return None
-    msg = f"tritonserver exited with code {server.proc.returncode} during the run"
-    if server.log_path is not None:
-        msg += f" (log: {server.log_path})"
-    print(f"qlm-bench: {msg}", file=sys.stderr)
-    return msg
-
-
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="qlm-bench-router-"))
@@ -206,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
         print(file=sys.stderr)
     finally:
-        crashed = server_crash(server)
+        crashed = server.crash_report()
+        if crashed:
+            print(f"qlm-bench: {crashed}", file=sys.stderr)
         server.stop()
     summary = {ph.name: summarize(ph) for ph in phases}
     direct = summary["direct"]

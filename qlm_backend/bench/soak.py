@@ -32,7 +32,7 @@ from qlm_backend.engine.perf import PerfModel
 from qlm_backend.eval.scenario import build_workload, parse_scenario
 from qlm_backend.eval.traces import DEFAULT_TRACE, load_trace, window
 from qlm_backend.loadtest_runner import LOADTEST_DIR, ROOT, run_locust
-from qlm_backend.triton.repository import add_fleet
+from qlm_backend.triton.repository import add_fleet, uniform_instances
 from qlm_backend.triton.server import TritonServer, rss_bytes
 
 ROUTER = "qlm"
@@ -109,16 +109,7 @@ def build(base: Path, a: argparse.Namespace) -> tuple[Path, list[str]]:
         repo,
         ROUTER,
         "qlm",
-        [
-            {
-                "instance_id": f"soak-{k}",
-                "gpu": a.gpu,
-                "models_allowed": [a.model],
-                "initial_model": a.model,
-                "max_in_flight": a.max_num_seqs,
-            }
-            for k in range(a.instances)
-        ],
+        uniform_instances("soak", a.gpu, a.model, a.instances, a.max_num_seqs),
         {"time_scale": a.time_scale, "max_num_seqs": a.max_num_seqs},
         {"time_scale": a.time_scale},
     )
@@ -343,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.join(timeout=30)
         time.sleep(1.0)
         sampler.sample()
-        if server.proc is not None and server.proc.poll() is not None:
-            crashed = f"tritonserver exited with code {server.proc.returncode}"
+        crashed = server.crash_report()
     finally:
         sampler.stop_event.set()
         server.stop()

@@ -157,6 +157,22 @@ def write_router(repo: Path, settings: Mapping[str, Any], name: str = "qlm") -> 
     return d
 
 
+def uniform_instances(
+    prefix: str, gpu: str, model: str, count: int, max_in_flight: int
+) -> list[dict[str, Any]]:
+    """`count` identical instances `<prefix>-<k>` of one model on one GPU type (benches, tests)."""
+    return [
+        {
+            "instance_id": f"{prefix}-{k}",
+            "gpu": gpu,
+            "models_allowed": [model],
+            "initial_model": model,
+            "max_in_flight": max_in_flight,
+        }
+        for k in range(count)
+    ]
+
+
 def add_fleet(
     repo: Path,
     router: str,

@@ -193,6 +193,13 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return False
 
+    def crash_report(self) -> str | None:
+        """A line saying the server died while it should be running (then a bench measured nothing)."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        msg = f"tritonserver exited with code {self.proc.returncode} during the run"
+        return msg + (f" (log: {self.log_path})" if self.log_path is not None else "")
+
     def descendants(self) -> list[int]:
         """Pids in the server's process group (stubs, engine processes)."""
         if not self.proc:
