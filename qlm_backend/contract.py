@@ -88,6 +88,13 @@ class Sampling:
     stop: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)  # validated keys passed through to vLLM
 
+    @property
+    def output_fixed(self) -> bool:
+        """The engine will produce exactly max_tokens tokens: EOS ignored (or not allowed before
+        max_tokens) and nothing else that stops it early."""
+        no_eos = self.ignore_eos or self.min_tokens >= self.max_tokens
+        return no_eos and not self.stop and not self.extra.get("stop_token_ids")
+
     def as_vllm_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(self.extra)
         d.update(

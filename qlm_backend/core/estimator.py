@@ -236,7 +236,8 @@ class RwtEstimator:
         """A finished request teaches the output length of its (model, class) and, from its
         token cadence, the decode step time at the batch its instance ran."""
         r = st.req
-        self.observe_output(r.model, r.slo_class, output_tokens)
+        if not r.output_fixed:  # a length the caller fixed says nothing of the class's lengths
+            self.observe_output(r.model, r.slo_class, output_tokens)
         if st.first_token_s is None or st.evictions or output_tokens < 8:
             return
         step = (now - st.first_token_s) / (output_tokens - 1)
@@ -302,6 +303,8 @@ class RwtEstimator:
         r = st.req
         if oracle and r.true_output_tokens is not None:
             mean_o, var_o = float(max(1, r.true_output_tokens - st.tokens_done)), 0.0
+        elif r.output_fixed:
+            mean_o, var_o = float(max(1, r.max_tokens - st.tokens_done)), 0.0
         else:
             m, v = self.output_stats(r.model, r.slo_class)
             mean_o = min(float(r.max_tokens), max(1.0, m - st.tokens_done, 0.25 * m))
@@ -338,6 +341,8 @@ class RwtEstimator:
                 done = max(done, (now - st.first_token_s) / prof.step_s)
             if oracle and r.true_output_tokens is not None:
                 rem, var_o = max(1.0, r.true_output_tokens - done), 0.0
+            elif r.output_fixed:
+                rem, var_o = max(1.0, r.max_tokens - done), 0.0
             else:
                 m, var_o = self.output_stats(r.model, r.slo_class)
                 # Memory of a long-tailed length: past the mean, a quarter of the mean is left.
@@ -439,13 +444,15 @@ class RwtEstimator:
             if clock is None:
                 clock = SlotClock(prof.batch)
             # Fast path: fresh requests of one (model, class) share one work distribution; only
-            # resumed requests (and the oracle's known lengths) need a per-request sum.
+            # resumed requests, fixed output lengths (and the oracle's known lengths) need a
+            # per-request sum.
             works: list[tuple[float, float]] | None = None
             resumed = ctx.resumed
             if (
                 oracle
                 or (resumed is None and any(ctx.requests[r].tokens_done for r in rids))
                 or (resumed and not resumed.isdisjoint(rids))
+                or any(ctx.requests[r].req.output_fixed for r in rids)
             ):
                 works = [self.request_work(ctx.requests[r], prof, oracle=oracle) for r in rids]
                 w_mean = sum(x[0] for x in works) / n

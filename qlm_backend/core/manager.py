@@ -126,6 +126,7 @@ class QueueManager:
         *,
         ttft_slo_s: float | None = None,
         true_output_tokens: int | None = None,
+        output_fixed: bool = False,
     ) -> Request:
         """Build a Request whose deadline is arrival + the class's TTFT SLO (or the override)."""
         cls = self._class(slo_class)
@@ -139,6 +140,7 @@ class QueueManager:
             prompt_tokens,
             max_tokens,
             true_output_tokens,
+            output_fixed,
         )
 
     def add_request(self, req: Request, now: float) -> Reject | None:

@@ -13,7 +13,9 @@ class Request:
     `deadline_s` is the absolute time by which the first token must arrive (arrival + the class's
     TTFT SLO, or a per-request override). `true_output_tokens` is the real output length where the
     caller knows it (trace replay); only the oracle policy reads it, every other policy plans with the
-    estimator's learnt distribution.
+    estimator's learnt distribution. `output_fixed` says the output is exactly `max_tokens` long
+    because the caller told the engine so (vLLM's ignore_eos, or min_tokens = max_tokens, without
+    stop strings): that is not a forecast but the request itself, so every policy plans with it.
     """
 
     request_id: str
@@ -24,6 +26,7 @@ class Request:
     prompt_tokens: int
     max_tokens: int
     true_output_tokens: int | None = None
+    output_fixed: bool = False
 
     def __post_init__(self) -> None:
         if self.prompt_tokens < 0:

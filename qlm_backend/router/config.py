@@ -98,8 +98,11 @@ class RouterConfig:
             raise RouterConfigError(
                 f"manager.{bad[0]}", f"unknown key; known: {', '.join(sorted(known))}"
             )
+        # The router carries out every Evict as an engine abort and resumes with prompt + text
+        # (a recompute): Triton's engines expose no KV swap-out, so the plan says so too.
+        overrides = {"kv_swap_resume": False, **dict(self.manager)}
         try:
-            return ManagerConfig(**dict(self.manager))
+            return ManagerConfig(**overrides)
         except (TypeError, ValueError) as e:
             raise RouterConfigError("manager", str(e)) from None
 

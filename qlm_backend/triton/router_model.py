@@ -184,6 +184,7 @@ class RouterModel:
             rr.prompt_tokens,
             rr.params.sampling.max_tokens,
             ttft_slo_s=rr.ttft_slo_s,
+            output_fixed=rr.params.sampling.output_fixed,
         )
         rej = self.qm.add_request(req, now)
         if rej is not None:

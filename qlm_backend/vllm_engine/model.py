@@ -379,6 +379,7 @@ class VllmEngineModel:
             f"arrival={req.arrival:.4f} scheduled={req.scheduled_ts:.4f} "
             f"engine_first_token={req.engine_first_token_ts:.4f} "
             f"glue_first_token={req.first_token or 0.0:.4f} first_sent={req.first_sent:.4f} "
+            f"finished={time.monotonic():.4f} "
             f"prompt_tokens={req.prompt_tokens} output_tokens={req.output_tokens} "
             f"reason={reason}"
         )

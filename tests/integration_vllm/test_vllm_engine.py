@@ -324,25 +324,27 @@ def _priority_run(vs: VllmServer, use_priority: bool, low_tokens: list[int]) -> 
 
 
 def test_priority_serves_urgent_request_before_queued_ones(vllm_server: VllmServer) -> None:
-    # 2 run (max_num_seqs), 3 queue; long enough (the shortest ~2 s at this engine's speed) that
-    # the queue still stands when the urgent request arrives.
-    low_tokens = [1200, 1400, 1600, 1800, 2000]  # prompt + max_tokens <= max_model_len 2048
-    n_queued = len(low_tokens) - MAX_NUM_SEQS
+    # 2 run (max_num_seqs), 5 queue; long enough (the shortest ~2 s at this engine's speed) that
+    # a queue still stands when the urgent request arrives, even late.
+    low_tokens = [1000, 1200, 1400, 1600, 1800, 1900, 2000]  # prompt + max_tokens <= 2048
+    min_queued = 2  # what the ratio below needs: fcfs seats the urgent one after them all
 
     def run(use_priority: bool) -> dict[str, Any]:
         # On this shared machine the back-to-back sends were seen reaching the engine 1.8 s apart
-        # under load, so the first long request could finish before the urgent one arrived:
-        # such a run has no real queue; it is repeated (up to 3 times), never judged.
-        for _ in range(3):
+        # under load, and the urgent one arriving seconds late, so that long requests finished
+        # before it arrived: a run with fewer than min_queued still waiting has no real queue;
+        # it is repeated (up to 4 times), never judged.
+        for attempt in range(1, 5):
             r = _priority_run(vllm_server, use_priority, low_tokens)
-            if r["queued"] >= n_queued - 1:
+            r["attempts"] = attempt
+            if r["queued"] >= min_queued:
                 break
         return r
 
     fcfs = run(False)
     prio = run(True)
     vllm_server.figures["priority_test"] = {"without_priority": fcfs, "with_priority": prio}
-    assert fcfs["queued"] >= n_queued - 1 and prio["queued"] >= n_queued - 1
+    assert fcfs["queued"] >= min_queued and prio["queued"] >= min_queued, (fcfs, prio)
     # Without priority the urgent request waits behind every queued long one ...
     assert fcfs["high_ttft_s"] > max(fcfs["queued_first_token_s"])
     # ... with it, it takes the first free seat, before any of them, and much sooner.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import Cluster, FakeClock, make_fleet, make_request
@@ -386,3 +387,52 @@ def test_slot_clock_cases_written_out() -> None:
     # exponential case (cv^2 = 1): the first of two ends after 2 s on average. Work conservation
     # gives the same: t = 12 - [(10 - 2 x t/4) + 1.0] at t = 2.
     assert c.start(2, 12.0) == pytest.approx(2.0)
+
+
+def test_fixed_output_length_is_planned_with_and_lets_a_sub_second_slo_evict() -> None:
+    # The case of the real-vLLM router test, in the core: one CPU instance (2 seats) running two
+    # batch requests that ignore EOS (exactly 1500 tokens each) for 1 s; an interactive request
+    # with a 0.1 s TTFT SLO arrives. With the lengths fixed, the estimator knows each seat holds
+    # ~900 more tokens (~0.7 s at the cpu-2core step), so the request misses without a slot and
+    # one batch request is evicted for it. With the lengths unknown (the 256-token prior, and
+    # ~600 tokens out already), it believed both ended within ~0.05 s and waited.
+    def run(fixed: bool) -> list[str]:
+        fleet = parse_fleet(
+            {
+                "instances": [
+                    {
+                        "instance_id": "cpu-0",
+                        "gpu": "cpu-2core",
+                        "models_allowed": ["tiny-llama"],
+                        "initial_model": "tiny-llama",
+                        "max_in_flight": 2,
+                    }
+                ]
+            }
+        )
+        qm = QueueManager(fleet, policy="qlm")
+        for i in range(2):
+            b = make_request(
+                f"b{i}", "tiny-llama", "batch-1", 0.0, prompt_tokens=4, max_tokens=1500
+            )
+            assert qm.add_request(replace(b, output_fixed=fixed), 0.0) is None
+        qm.plan(0.01)
+        for i in range(2):
+            qm.on_first_token(f"b{i}", 0.1)
+        u = make_request("u", "tiny-llama", "interactive", 1.0, deadline_s=1.1, max_tokens=8)
+        assert qm.add_request(replace(u, output_fixed=fixed), 1.0) is None
+        return [type(a).__name__ for a in qm.plan(1.0)]
+
+    assert run(fixed=True) == ["Evict", "Pull"]
+    assert run(fixed=False) == []
+
+
+def test_fixed_output_lengths_are_not_learnt_as_the_class_length() -> None:
+    qm = QueueManager(make_fleet(n=1), policy="qlm")
+    r = replace(make_request("f", max_tokens=4000), output_fixed=True)
+    assert qm.add_request(r, 0.0) is None
+    qm.plan(0.0)
+    qm.on_first_token("f", 0.5)
+    qm.on_finished("f", 4000, 60.0)
+    # Still the prior: a caller-fixed length says nothing of the class's free lengths.
+    assert qm.estimator.output_stats("mistral-7b", "interactive") == (256.0, 256.0**2)

@@ -165,3 +165,26 @@ def test_engine_config_errors_name_the_key(raw, key):
     with pytest.raises(EngineConfigError) as e:
         EngineConfig.from_mapping(raw)
     assert e.value.key == key
+
+
+@pytest.mark.parametrize(
+    ("sampling", "fixed"),
+    [
+        ({"max_tokens": 64, "ignore_eos": True}, True),
+        ({"max_tokens": 64, "min_tokens": 64}, True),
+        ({"max_tokens": 64}, False),  # EOS may end it sooner
+        ({"max_tokens": 64, "ignore_eos": True, "stop": ["\n"]}, False),
+        ({"max_tokens": 64, "ignore_eos": True, "stop_token_ids": [13]}, False),
+    ],
+)
+def test_output_length_is_fixed_only_when_nothing_can_end_it_early(sampling, fixed):
+    inputs = {"text_input": text("hi"), "model": text("mistral-7b")}
+    rr = admit({**inputs, "sampling_parameters": text(json.dumps(sampling))})
+    assert rr.params.sampling.output_fixed is fixed
+
+
+def test_router_evictions_resume_by_recompute_unless_configured():
+    # The router aborts the engine request on Evict: the KV is gone, so the plan must say so.
+    assert RouterConfig().manager_config().kv_swap_resume is False
+    cfg = RouterConfig(manager={"kv_swap_resume": True})
+    assert cfg.manager_config().kv_swap_resume is True
