@@ -141,9 +141,38 @@ async def replay_real(grpc_url: str, arrivals: list[Arrival]) -> list[Outcome]:
         await client.close()
 
 
+def engine_outcomes(log_text: str, arrivals: list[Arrival]) -> list[Outcome]:
+    """The replay's requests as the engine timed them (its trace lines), in arrival order: TTFT
+    from the glue's arrival to vLLM's first token, end when the request ended in the glue. The
+    client's view adds this Python client's own stalls on a busy 2-core machine: its TTFT p99
+    and TPOT were off by 2x from the engine's (tokens seen in bunches)."""
+    from qlm_backend.vllm_engine.trace import parse_trace_lines
+
+    rows = sorted(parse_trace_lines(log_text).values(), key=lambda t: t["arrival"])
+    rows = rows[-len(arrivals) :]  # the warm-up request came first
+    if len(rows) != len(arrivals):
+        raise RuntimeError(f"{len(rows)} engine trace lines for {len(arrivals)} requests")
+    t0 = rows[0]["arrival"]
+    out = []
+    for a, t in zip(sorted(arrivals, key=lambda x: x.t_s), rows, strict=True):
+        if int(t["output_tokens"]) != a.output_tokens:
+            raise RuntimeError(f"trace/arrival mismatch: {t} vs {a}")
+        out.append(
+            Outcome(
+                round(t["arrival"] - t0, 4),
+                int(t["prompt_tokens"]),
+                int(t["output_tokens"]),
+                t["engine_first_token"] - t["arrival"],
+                t["finished"] - t["arrival"],
+            )
+        )
+    return out
+
+
 def run_real(
     arrivals: list[Arrival], venv: Path, model_dir: Path, max_num_seqs: int
-) -> tuple[list[Outcome], float]:
+) -> tuple[list[Outcome], list[Outcome], float]:
+    """(engine-timed, client-timed) outcomes and the engine's load time."""
     from qlm_backend.triton.server import TritonServer
 
     with tempfile.TemporaryDirectory(prefix="qlm-fidelity-") as tmp:
@@ -155,13 +184,17 @@ def run_real(
         (repo / ENGINE / "1" / "model.json").write_text(json.dumps(args))
         cfg = (repo / ENGINE / "config.pbtxt").read_text()
         cfg = cfg.replace("$$TRITON_MODEL_DIRECTORY/../../.venv-vllm", str(venv))
+        cfg += '\nparameters { key: "TRACE_REQUESTS" value { string_value: "true" } }\n'
         (repo / ENGINE / "config.pbtxt").write_text(cfg)
-        server = TritonServer(repo, load_models=[ENGINE], log_path=Path(tmp) / "triton.log")
+        log = Path(tmp) / "triton.log"
+        server = TritonServer(repo, load_models=[ENGINE], log_path=log)
         try:
             load_s = server.start(timeout_s=300)
             # One request first: the engine's first batches pay one-off costs.
             asyncio.run(replay_real(server.grpc_url, [Arrival(0.0, 8, 8)]))
-            return asyncio.run(replay_real(server.grpc_url, arrivals)), load_s
+            client = asyncio.run(replay_real(server.grpc_url, arrivals))
+            time.sleep(0.5)  # trace lines are logged after each final response
+            return engine_outcomes(log.read_text(errors="replace"), arrivals), client, load_s
         finally:
             server.stop()
 
@@ -249,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         trace_path(a.trace), a.start, a.requests, a.rate, a.token_scale, a.max_prompt, a.max_output
     )
     real: list[Outcome] | None = None
+    client: list[Outcome] = []
     load_s = None
     if not a.sim_only:
         if not (a.venv / "bin" / "python").exists():
@@ -259,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"error: no tiny model at {a.model_dir}: run qlm-build-tiny-model", file=sys.stderr
             )
             return 2
-        real, load_s = run_real(arrivals, a.venv, a.model_dir, a.max_num_seqs)
+        real, client, load_s = run_real(arrivals, a.venv, a.model_dir, a.max_num_seqs)
     sim = run_sim(arrivals, real, a.max_num_seqs)
     s_sim = summarize(sim)
     result: dict[str, Any] = {
@@ -274,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"fidelity: {a.requests} requests of the {a.trace} trace at {a.rate}/s, tokens x {a.token_scale}"
     )
+    print("real vLLM timed by the engine (its trace); simulated: SimEngine with the CPU profile")
     print(f"{'metric':<18}{'real vLLM':>12}{'simulated':>12}{'sim/real':>10}")
     if real is not None:
         s_real = summarize(real)
@@ -283,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             ratios=ratios,
             engine_load_s=load_s,
             real_requests=[asdict(o) for o in real],
+            # What the replaying client saw (adds the response path and its own stalls).
+            real_client=summarize(client),
+            real_client_requests=[asdict(o) for o in client],
         )
         for k in s_real:
             print(f"{k:<18}{s_real[k]:>12.4f}{s_sim[k]:>12.4f}{ratios[k]:>10.2f}")

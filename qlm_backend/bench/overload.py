@@ -16,6 +16,9 @@ so a request the router still holds after the run shows up there.
 
 The class mix: interactive must fit the fleet on its own for any policy to attain it, so the
 10x excess is batch work (default 6% interactive = 0.6x capacity, the rest batch-1 / batch-2).
+Both batch classes are sheddable here (`--sheddable`; a per-class setting of the fleet config):
+an operator facing a 10x burst lets QLM refuse batch work it cannot serve in time, and the goal is
+that it does so at admission while the interactive class keeps its SLO.
 Exit code 1 when a request was lost or the server died.
 """
 
@@ -87,13 +90,17 @@ def arrivals(a: argparse.Namespace, rate_rps: float) -> list[tuple[float, str]]:
         out.append((t, rng.choices(names, weights)[0]))
 
 
-def slo_classes(overrides: dict[str, float]) -> list[dict[str, Any]]:
+def slo_classes(overrides: dict[str, float], sheddable: str) -> list[dict[str, Any]]:
+    shed = {x.strip() for x in sheddable.split(",") if x.strip()}
+    unknown = shed - {c.name for c in DEFAULT_SLO_CLASSES}
+    if unknown:
+        raise SystemExit(f"--sheddable: unknown class(es) {sorted(unknown)}")
     return [
         {
             "name": c.name,
             "ttft_slo_s": overrides.get(c.name, c.ttft_slo_s),
             "weight": c.weight,
-            "sheddable": c.sheddable,
+            "sheddable": c.name in shed,
             "priority": c.priority,
         }
         for c in DEFAULT_SLO_CLASSES
@@ -104,7 +111,7 @@ def build(base: Path, a: argparse.Namespace) -> tuple[Path, list[str]]:
     repo = base / "repo"
     repo.mkdir(parents=True)
     loads: list[str] = []
-    classes = slo_classes(parse_kv(a.slo))
+    classes = slo_classes(parse_kv(a.slo), a.sheddable)
     for policy in POLICIES:
         router = f"ov-{policy}"
         loads += add_fleet(
@@ -115,7 +122,7 @@ def build(base: Path, a: argparse.Namespace) -> tuple[Path, list[str]]:
             {"time_scale": a.time_scale, "max_num_seqs": a.max_num_seqs},
             {"time_scale": a.time_scale},
         )
-        # Both fleets get the same classes (the defaults unless --slo overrides some).
+        # Both fleets get the same classes (the defaults unless --slo / --sheddable change them).
         fleet_file = repo / f"fleet-{router}.json"
         fleet = json.loads(fleet_file.read_text())
         fleet["slo_classes"] = classes
@@ -222,7 +229,7 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 def summarize(run: Run, a: argparse.Namespace) -> dict[str, Any]:
-    slo = {c["name"]: c["ttft_slo_s"] for c in slo_classes(parse_kv(a.slo))}
+    slo = {c["name"]: c["ttft_slo_s"] for c in slo_classes(parse_kv(a.slo), a.sheddable)}
     out: dict[str, Any] = {}
     for p in POLICIES:
         per: dict[str, Any] = {}
@@ -287,6 +294,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--load", type=float, default=10.0, help="arrival rate / fleet capacity")
     p.add_argument("--shares", default="interactive=0.06,batch-1=0.34,batch-2=0.6")
     p.add_argument("--slo", default="", help="class SLO overrides, e.g. batch-2=120 (sim s)")
+    p.add_argument(
+        "--sheddable",
+        default="batch-1,batch-2",
+        help="classes an operator lets QLM refuse under overload (the defaults shed batch-2 only)",
+    )
     p.add_argument("--time-scale", type=float, default=0.2, help="wall s per simulated s")
     p.add_argument("--model", default="mistral-7b")
     p.add_argument("--gpu", default="L4", help="slow decode steps keep the CPU cost down")

@@ -100,6 +100,14 @@ class ManagerConfig:
     min_resident_s: float = 10.0  # a freshly loaded model stays at least this long if it has work
     warm_slots_per_host: int = 2
     shed_p_threshold: float = 0.02  # reject a sheddable request whose best P(meet) is below this
+    # Time constant of the per-(model, class) arrival rates that admission reserves capacity for:
+    # long enough to smooth Poisson noise at a few requests/s, short enough to see a burst.
+    arrival_rate_tau_s: float = 30.0
+    # Most of an instance admission may count as taken by higher classes (their arrival rate x
+    # work): beyond it, lower-class work would be predicted to wait forever.
+    reserve_max_share: float = 0.9
+    # How far ahead those rates are extrapolated: a burst is not assumed to last for an hour.
+    reserve_horizon_s: float = 60.0
     decisions_kept: int = 1000  # decision records kept for inspection
 
     def with_(self, **kw: Any) -> ManagerConfig:

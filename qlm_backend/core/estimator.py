@@ -176,10 +176,29 @@ class SlotClock:
         return max(0.0, work_ahead - held)  # pragma: no cover - the last piece is unbounded
 
 
+class ArrivalRate:
+    """Arrivals per second, exponentially decayed with time constant tau_s (no clock: `now`)."""
+
+    __slots__ = ("tau_s", "rate", "last_s")
+
+    def __init__(self, tau_s: float) -> None:
+        self.tau_s, self.rate, self.last_s = tau_s, 0.0, -math.inf
+
+    def at(self, now: float) -> float:
+        if self.last_s == -math.inf:
+            return 0.0
+        return self.rate * math.exp(-max(0.0, now - self.last_s) / self.tau_s)
+
+    def add(self, now: float) -> None:
+        self.rate = self.at(now) + 1.0 / self.tau_s
+        self.last_s = max(now, self.last_s)
+
+
 class RwtEstimator:
     def __init__(self, classes: Mapping[str, SloClass], config: ManagerConfig) -> None:
         self.classes = classes
         self.config = config
+        self._arrivals: dict[tuple[str, str], ArrivalRate] = {}
         self._out: dict[tuple[str, str], Ewma] = {}
         self._prompt: dict[str, Ewma] = {}
         self._corr: dict[tuple[str, str, int], Ewma] = {}  # observed / predicted decode step
@@ -202,6 +221,18 @@ class RwtEstimator:
             e = self._out[key] = Ewma(m, v)
         e.update(float(tokens), self.config.ewma_alpha)
         self._invalidate(model)
+
+    def observe_arrival(self, model: str, slo_class: str, now: float) -> None:
+        key = (model, slo_class)
+        r = self._arrivals.get(key)
+        if r is None:
+            r = self._arrivals[key] = ArrivalRate(self.config.arrival_rate_tau_s)
+        r.add(now)
+
+    def arrival_rate(self, model: str, slo_class: str, now: float) -> float:
+        """Recent arrivals per second of a (model, class)."""
+        r = self._arrivals.get((model, slo_class))
+        return r.at(now) if r is not None else 0.0
 
     def prompt_mean(self, model: str) -> float:
         e = self._prompt.get(model)
@@ -503,6 +534,7 @@ class RwtEstimator:
 
 
 __all__ = [
+    "ArrivalRate",
     "Ewma",
     "GroupForecast",
     "RwtEstimator",

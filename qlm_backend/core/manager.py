@@ -156,6 +156,7 @@ class QueueManager:
                 f"no instance serves model {req.model!r}; served: {sorted(self.models_served)}",
             )
         self.estimator.observe_prompt(req.model, req.prompt_tokens)
+        self.estimator.observe_arrival(req.model, req.slo_class, now)
         if self.policy.traits.sheds and cls.sheddable:
             reason = self.policy.admit(req, self._context("admission"), now)
             if reason is not None:

@@ -30,6 +30,7 @@ from vllm_client import ENGINE
 
 from qlm_backend.triton.repository import write_router
 from qlm_backend.triton.server import TritonServer, rss_bytes
+from qlm_backend.vllm_engine.trace import parse_trace_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("QLM_VLLM_VENV", ROOT / ".venv-vllm"))
@@ -61,15 +62,7 @@ class VllmServer:
 
     def traces(self) -> dict[str, dict[str, float]]:
         """The engine's per-request trace lines (TRACE_REQUESTS), by request id."""
-        out: dict[str, dict[str, float]] = {}
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if ": trace rid=" not in line:
-                continue
-            kv = dict(f.split("=", 1) for f in line.split(": trace ", 1)[1].split())
-            rid = kv.pop("rid")
-            kv.pop("reason", None)
-            out[rid] = {k: float(v) for k, v in kv.items()}
-        return out
+        return parse_trace_lines(self.log_path.read_text(errors="replace"))
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(self.server.metrics_url, timeout=5) as r:

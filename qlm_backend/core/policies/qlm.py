@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from qlm_backend.core.admission import shed_reason
 from qlm_backend.core.estimator import GroupForecast
 from qlm_backend.core.instances import InstanceState
 from qlm_backend.core.planner import GlobalPlanner, SolverMode
@@ -41,30 +42,10 @@ class QlmPolicy:
 
     # ------------------------------------------------------------------ admission
     def admit(self, req: Request, ctx: PlanContext, now: float) -> str | None:
-        """Shed a sheddable request whose deadline cannot be met even at the head of every queue
-        (rejecting it at once beats letting it time out after occupying a slot)."""
-        est = ctx.estimator
-        best = 0.0
-        for inst in ctx.instances.values():
-            if not inst.healthy or not est.can_serve(req.model, inst.spec):
-                continue
-            prof = est.profile(req.model, inst.spec)
-            t = now
-            if inst.loading is not None:
-                t = max(now, inst.ready_s)
-            if (inst.loading or inst.model) != req.model:
-                warm = ctx.warm.is_warm(inst.spec.host, req.model)
-                t += prof.load_warm_s if warm else prof.load_cold_s
-            elif inst.model is not None:
-                t += est.first_slot_s(inst, ctx.requests, now)
-            t += prof.prefill_first_s
-            best = max(best, p_meet_at(req.deadline_s, t, now, ctx.config.rel_std_floor))
-            if best >= ctx.config.shed_p_threshold:
-                return None
-        return (
-            f"deadline in {req.deadline_s - now:.1f} s cannot be met at the head of any queue "
-            f"(best P(meet) {best:.3f})"
-        )
+        """Shed a sheddable request whose deadline cannot be met where it would stand in any
+        queue (rejecting it at once beats letting it time out after occupying a slot, and keeps
+        an overload from burying the classes above it: core/admission.py)."""
+        return shed_reason(req, ctx, now)
 
     # ------------------------------------------------------------------ planning
     def plan(self, ctx: PlanContext, now: float) -> Plan:
