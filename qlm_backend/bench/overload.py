@@ -336,12 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(2.0)  # let the stubs finish importing before the memory baseline
         pids = server.descendants()
         rss_before = rss_bytes(pids)
+        anon_before = rss_bytes(pids, "RssAnon")
         t0 = time.monotonic()
         asyncio.run(burst(server.grpc_url, plan, a, run))
         wall_s = time.monotonic() - t0
         time.sleep(3.0)  # the routers see the cancellations and push their gauges
         metrics = scrape(server.metrics_url)
         rss_after = rss_bytes(server.descendants())
+        anon_after = rss_bytes(server.descendants(), "RssAnon")
         crashed = server.crash_report()
     finally:
         server.stop()
@@ -359,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         "rss_before_bytes": rss_before,
         "rss_after_bytes": rss_after,
         "rss_growth": rss_after / rss_before - 1 if rss_before else None,
+        # Private memory only: VmRSS also counts the Python backend's shared-memory pool once per
+        # process that maps it, and a burst touches more of that pool (bounded by its size).
+        "rss_anon_before_bytes": anon_before,
+        "rss_anon_after_bytes": anon_after,
         "per_class": summary,
         "routers_after": routers,
         "server_log": str(server.log_path),
@@ -399,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(
         f"overload bench ({len(plan)} req/policy, {a.load:g}x for {a.duration_s:g} s, "
-        f"rss {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB): "
+        f"rss {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MiB, private "
+        f"{anon_before / 2**20:.0f} -> {anon_after / 2**20:.0f} MiB): "
         + "; ".join(parts)
         + f"; lost qlm {lost['qlm']} fcfs {lost['fcfs']}"
         + f"; interactive attainment qlm {qi if qi is None else f'{qi:.2f}'} fcfs "

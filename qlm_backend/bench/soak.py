@@ -143,9 +143,11 @@ class Sampler(threading.Thread):
 
     def sample(self) -> dict[str, Any]:
         per: dict[str, int] = {}
+        anon = 0
         for pid in self.server.descendants():
             label = proc_label(pid, self.server.pid)
             per[label] = per.get(label, 0) + rss_bytes([pid])
+            anon += rss_bytes([pid], "RssAnon")
         queued = running = None
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(self.server.metrics_url, timeout=5) as r:
@@ -160,6 +162,9 @@ class Sampler(threading.Thread):
             "t_s": time.time() - self.t0,
             "rss": per,
             "rss_total": sum(per.values()),
+            # Private memory: VmRSS also counts the Python backend's shared-memory pool once per
+            # process mapping it, which grows as traffic touches more of it (bounded by its size).
+            "rss_anon_total": anon,
             "queued": queued,
             "running": running,
         }
@@ -227,6 +232,12 @@ def rss_summary(rows: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
             "warm_bytes": warm["rss_total"],
             "end_bytes": end["rss_total"],
             "growth_after_warmup": growth(warm["rss_total"], end["rss_total"]),
+        },
+        "private": {
+            "start_bytes": start.get("rss_anon_total"),
+            "warm_bytes": warm.get("rss_anon_total"),
+            "end_bytes": end.get("rss_anon_total"),
+            "growth_after_warmup": growth(warm.get("rss_anon_total"), end.get("rss_anon_total")),
         },
         "per_process": per,
     }
@@ -386,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     tot = rss.get("total", {})
     g = tot.get("growth_after_warmup")
+    priv = rss.get("private", {})
+    gp = priv.get("growth_after_warmup")
     print(f"report: {a.out}, plot: {png}, locust: {report_dir}", file=sys.stderr)
     print(
         f"soak ({a.minutes:g} min, {wall_s:.0f} s wall): sent {totals.get('sent')}, served "
@@ -393,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         f"abandoned {totals.get('abandoned')}; rss total {(tot.get('warm_bytes') or 0) / 2**20:.0f}"
         f" -> {(tot.get('end_bytes') or 0) / 2**20:.0f} MiB after warm-up"
         + ("" if g is None else f" ({g * 100:+.1f}%)")
+        + f", private {(priv.get('warm_bytes') or 0) / 2**20:.0f}"
+        f" -> {(priv.get('end_bytes') or 0) / 2**20:.0f} MiB"
+        + ("" if gp is None else f" ({gp * 100:+.1f}%)")
     )
     if crashed:
         print(f"INVALID RUN: {crashed}")

@@ -252,11 +252,14 @@ class TritonServer:
         self.stop()
 
 
-def rss_bytes(pids: Iterable[int]) -> int:
+def rss_bytes(pids: Iterable[int], field: str = "VmRSS") -> int:
+    """Summed resident memory of processes. `field` picks a /proc/PID/status line: VmRSS (all),
+    RssAnon (private heap: what a leak grows), RssShmem (the Python backend's shared-memory pool,
+    mapped by tritonserver and every stub, so counted once per process in VmRSS)."""
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError, ValueError):
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1]) * 1024
     return total
