@@ -76,6 +76,7 @@ class _Request:
     first_token: float | None = None
     # vLLM's own engine-core timestamps (monotonic, same clock as time.monotonic()): when the
     # scheduler first gave the request a seat, and when its first token was sampled.
+    queued_ts: float = 0.0  # vLLM's: when the scheduler's waiting queue got it (EngineCore clock)
     scheduled_ts: float = 0.0
     engine_first_token_ts: float = 0.0
     engine_last_token_ts: float = 0.0
@@ -289,6 +290,7 @@ class VllmEngineModel:
                     self._running += 1
                     self._publish_load()
                     if out.metrics is not None:
+                        req.queued_ts = out.metrics.queued_ts
                         req.scheduled_ts = out.metrics.scheduled_ts
                         req.engine_first_token_ts = out.metrics.first_token_ts
                 req.prompt_tokens = len(out.prompt_token_ids or ())
@@ -379,7 +381,8 @@ class VllmEngineModel:
         where a request waited: before vLLM scheduled it, in the engine, or on the way out."""
         line = (
             f"{self.name}: trace rid={req.rid} priority={req.params.priority} "
-            f"arrival={req.arrival:.4f} scheduled={req.scheduled_ts:.4f} "
+            f"arrival={req.arrival:.4f} queued={req.queued_ts:.4f} "
+            f"scheduled={req.scheduled_ts:.4f} "
             f"engine_first_token={req.engine_first_token_ts:.4f} "
             f"engine_last_token={req.engine_last_token_ts:.4f} "
             f"glue_first_token={req.first_token or 0.0:.4f} first_sent={req.first_sent:.4f} "
