@@ -135,7 +135,9 @@ class RouterModel:
             except Exception as e:  # noqa: BLE001 - every bad request gets its error, at once
                 send_error(sender, f"{self.name}: {e}", error_kind(e))
                 continue
-            self.loop.call(self._admit, sender, rr)
+            # Stamped here, on receipt: the loop may run the admission later under load, and that
+            # wait is part of the request's queueing (qlm_queue_s, its deadline, its TTFT).
+            self.loop.call(self._admit, sender, rr, time.monotonic())
         return None
 
     def finalize(self) -> None:
@@ -170,12 +172,12 @@ class RouterModel:
         return task
 
     # --- admission ----------------------------------------------------------------------------
-    def _admit(self, sender: Any, rr: RouterRequest) -> None:
+    def _admit(self, sender: Any, rr: RouterRequest, received_wall: float) -> None:
         if self._closing:
             send_error(sender, f"{self.name}: the router is unloading", "unavailable")
             return
         rid = f"q{next(self._ids)}"
-        now = self._now()
+        now = (received_wall - self._t0) / self.cfg.time_scale
         req = self.qm.make_request(
             rid,
             rr.model,
@@ -191,7 +193,10 @@ class RouterModel:
             self.metrics.outcome(rr.slo_class, "rejected")
             send_error(sender, f"{self.name}: request shed: {rej.reason}", "unavailable")
             return
-        self.reqs[rid] = _Req(rid, sender, rr, time.monotonic())
+        self.reqs[rid] = _Req(rid, sender, rr, received_wall)
+        lag_ms = (time.monotonic() - received_wall) * 1000
+        if lag_ms > 100:
+            self.logger.log_warn(f"{self.name}: {rid} admitted {lag_ms:.0f} ms after receipt")
         self._wakeup()
 
     # --- the loop -----------------------------------------------------------------------------
@@ -219,6 +224,7 @@ class RouterModel:
                 self.logger.log_error(f"{self.name}: planner step failed: {e!r}")
 
     def _execute(self, a: Action) -> None:
+        self.logger.log_verbose(f"{self.name}: {a}")
         if isinstance(a, Pull):
             self.metrics.lso("pull", len(a.request_ids))
             for rid in a.request_ids:
