@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -179,39 +180,66 @@ def test_interactive_behind_a_batch_burst_is_served_sooner_under_qlm(
 def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
     vllm_server: VllmServer,
 ) -> None:
+    """Two 1500-token batch-1 requests fill both seats; an interactive request with a 0.1 s TTFT
+    SLO arrives. The qlm router evicts one (an engine abort), serves the urgent one, resumes the
+    evicted one with its prompt plus the text already produced, and both batch requests end with
+    exactly 1500 tokens and no repeated text.
+
+    The batch requests are non-streaming here: streamed, their ~1,200 replies a second kept this
+    Python client's loop so busy that the urgent request left it only after they had ended (seen
+    in a clean-clone run). The streamed no-duplicate case runs on the simulated engines
+    (tests/integration/test_router.py); the router's resume path is the same for both engines."""
+
     def evictions() -> float:
         # An engine abort plus a resume with prompt + produced text (recompute): kind "evict".
         return _metric(vllm_server, "qlm_lso_total", router="qlm-vllm", kind="evict")
 
-    ev0, ab0 = evictions(), _engine_aborts(vllm_server)
     n_tokens = 1500
 
-    async def scenario() -> tuple[TimedStream, list[TimedStream]]:
+    async def scenario() -> tuple[TimedStream, list[TimedStream], float]:
         client = grpcaio.InferenceServerClient(vllm_server.grpc_url)
         batch = [TimedStream() for _ in range(MAX_NUM_SEQS)]
         tasks = [
             asyncio.create_task(
-                timed_stream(client, "qlm-vllm", fields(n_tokens, "batch-1", f"b{i}"), b)
+                timed_stream(
+                    client, "qlm-vllm", fields(n_tokens, "batch-1", f"b{i}", stream=False), b
+                )
             )
             for i, b in enumerate(batch)
         ]
-        # Only a request whose first token is out may be evicted (its TTFT SLO is met): wait for
-        # both (the first requests after the engine's load were seen to take over a second).
+        # Only a request whose first token is out may be evicted (its TTFT SLO is met): wait until
+        # the engine runs both (its gauge counts a request from its first token).
         deadline = time.monotonic() + 30
-        while any(b.first_token_s is None for b in batch):
+        while vllm_server.metrics().get("vllm:num_requests_running", 0) < MAX_NUM_SEQS:
             assert time.monotonic() < deadline, "the batch requests never started"
             await asyncio.sleep(0.05)
-        # Both seats hold ~2.5 s of work: 0.1 s is met only by evicting one.
+        t_sent = time.monotonic()
+        # Both seats hold ~2 s of work: 0.1 s is met only by evicting one.
         urgent = await timed_stream(
             client, "qlm-vllm", fields(8, "interactive", "urgent", ttft_slo_s=0.1), TimedStream()
         )
         await asyncio.gather(*tasks)
         await client.close()
-        return urgent, batch
+        return urgent, batch, t_sent
 
-    urgent, batch = asyncio.run(scenario())
-    assert urgent.error is None, urgent.error
-    assert evictions() >= ev0 + 1
+    for attempt in range(1, 4):
+        ev0, ab0 = evictions(), _engine_aborts(vllm_server)
+        urgent, batch, t_sent = asyncio.run(scenario())
+        assert urgent.error is None, urgent.error
+        time.sleep(0.3)  # trace lines are logged after each final response
+        # Judged only if both batch requests were still running when the router got the urgent
+        # one (it did not reach the router before they ended: a stalled client, repeated).
+        urgent_trace = [
+            t
+            for t in vllm_server.traces().values()
+            if t["arrival"] >= t_sent and t["output_tokens"] == 8
+        ]
+        queue_s = float(urgent.final["qlm_queue_s"][0])
+        t_router = urgent_trace[0]["arrival"] - queue_s if urgent_trace else math.inf
+        if evictions() >= ev0 + 1 or t_router < t_sent + 1.0:
+            break
+        print(f"\nattempt {attempt}: urgent reached the router {t_router - t_sent:.2f} s late")
+    assert evictions() >= ev0 + 1, (attempt, [(b.tokens, b.error) for b in batch])
     assert _engine_aborts(vllm_server) >= ab0 + 1  # the eviction stopped the engine's work
     for b in batch:
         assert b.error is None, b.error
@@ -219,12 +247,14 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
         # the router asks for the tokens still owed).
         assert b.tokens == n_tokens
         text = "".join(b.texts)
-        # No duplicated text: what was sent before the eviction is not sent again.
+        # No repeated text: what was produced before the eviction is not produced again.
         assert text.count(text[:40]) == 1
     vllm_server.figures["router_eviction"] = {
         "urgent_ttft_s": round(urgent.first_token_s or -1, 3),
+        "urgent_router_queue_s": round(queue_s, 4),
         "evictions": evictions() - ev0,
         "batch_done_s": [round(b.done_s or -1, 3) for b in batch],
+        "attempts": attempt,
     }
     print(f"\nrouter over vLLM, eviction: {vllm_server.figures['router_eviction']}")
 
