@@ -65,6 +65,16 @@ ENGINE_SHUTDOWN_TIMEOUT_S = 20.0
 RESERVED_SAMPLING = frozenset({"output_kind", "skip_clone", "output_text_buffer_length"})
 
 
+def _stream_interval(raw: str) -> float:
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError(f"STREAM_INTERVAL_S: expected seconds, got {raw!r}") from None
+    if not 0 <= v <= 1:
+        raise ValueError(f"STREAM_INTERVAL_S: expected 0-1 seconds, got {v}")
+    return v
+
+
 @dataclass
 class _Request:
     rid: str
@@ -173,6 +183,7 @@ class VllmEngineModel:
         self._waiting = 0
         self._running = 0
         self._trace = params.get("TRACE_REQUESTS", "false").lower() == "true"
+        self._stream_interval_s = _stream_interval(params.get("STREAM_INTERVAL_S", "0"))
         self._closing = False
         self._io = _IoThread(self._poll_cancelled)
         self.loop = LoopThread(f"{self.name}-vllm")
@@ -326,6 +337,10 @@ class VllmEngineModel:
                         n_out,
                     )
                     self._send(req, arrays, final)
+                    if not final and self._stream_interval_s > 0:
+                        # At most one response per interval per request after the first: vLLM
+                        # merges what it produces meanwhile into the next delta.
+                        await asyncio.sleep(self._stream_interval_s)
                     if not final:
                         # Backpressure: one response in flight per request. Meanwhile vLLM merges
                         # the deltas it produces (RequestOutputCollector), so a slow client or a

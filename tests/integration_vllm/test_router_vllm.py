@@ -146,7 +146,10 @@ def test_interactive_behind_a_batch_burst_is_served_sooner_under_qlm(
     scheduling) against fcfs, the same burst each. TTFT is taken to the engine's first token
     (its trace): the client-side figure adds the response path, which on this 2-core machine
     added ~1 s, varying; both are recorded."""
-    n_batch, batch_tokens = 8, 600  # 4 waves of 2 on the engine; ~1 s a wave here
+    # 4 waves of 2 on the engine, ~2 s a wave here: long enough that the burst still stands when
+    # the interactive request gets to the router, which was seen taking seconds while the engine
+    # streamed to it (600-token waves drained first in some runs).
+    n_batch, batch_tokens = 8, 1500
     runs: dict[str, dict[str, Any]] = {}
     for router in ("qlm-vllm", "priority-vllm", "fcfs-vllm"):
         # A run is judged only if the burst really stood ahead of the interactive request when it
@@ -180,10 +183,10 @@ def test_interactive_behind_a_batch_burst_is_served_sooner_under_qlm(
 def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
     vllm_server: VllmServer,
 ) -> None:
-    """Two 1500-token batch-1 requests fill both seats; an interactive request with a 0.1 s TTFT
+    """Two 2000-token batch-1 requests fill both seats; an interactive request with a 0.1 s TTFT
     SLO arrives. The qlm router evicts one (an engine abort), serves the urgent one, resumes the
     evicted one with its prompt plus the text already produced, and both batch requests end with
-    exactly 1500 tokens and no repeated text.
+    exactly 2000 tokens and no repeated text.
 
     The batch requests are non-streaming here: streamed, their ~1,200 replies a second kept this
     Python client's loop so busy that the urgent request left it only after they had ended (seen
@@ -194,9 +197,10 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
         # An engine abort plus a resume with prompt + produced text (recompute): kind "evict".
         return _metric(vllm_server, "qlm_lso_total", router="qlm-vllm", kind="evict")
 
-    n_tokens = 1500
+    n_tokens = 2000  # prompt + max_tokens <= max_model_len 2048
 
-    async def scenario() -> tuple[TimedStream, list[TimedStream], float]:
+    async def scenario() -> tuple[TimedStream, list[TimedStream], float, float]:
+        t_begin = time.monotonic()
         client = grpcaio.InferenceServerClient(vllm_server.grpc_url)
         batch = [TimedStream() for _ in range(MAX_NUM_SEQS)]
         tasks = [
@@ -207,38 +211,44 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
             )
             for i, b in enumerate(batch)
         ]
-        # Only a request whose first token is out may be evicted (its TTFT SLO is met): wait until
-        # the engine runs both (its gauge counts a request from its first token).
-        deadline = time.monotonic() + 30
-        while vllm_server.metrics().get("vllm:num_requests_running", 0) < MAX_NUM_SEQS:
-            assert time.monotonic() < deadline, "the batch requests never started"
-            await asyncio.sleep(0.05)
+        # Only a request whose first token is out may be evicted (its TTFT SLO is met): half a
+        # second in, both run (checked below on the engine's trace; its running gauge was tried
+        # as the signal and lagged by seconds behind the engine's replies).
+        await asyncio.sleep(0.5)
         t_sent = time.monotonic()
-        # Both seats hold ~2 s of work: 0.1 s is met only by evicting one.
+        # Both seats hold ~2.5 s of work: 0.1 s is met only by evicting one.
         urgent = await timed_stream(
             client, "qlm-vllm", fields(8, "interactive", "urgent", ttft_slo_s=0.1), TimedStream()
         )
         await asyncio.gather(*tasks)
         await client.close()
-        return urgent, batch, t_sent
+        return urgent, batch, t_begin, t_sent
 
     for attempt in range(1, 4):
         ev0, ab0 = evictions(), _engine_aborts(vllm_server)
-        urgent, batch, t_sent = asyncio.run(scenario())
+        urgent, batch, t_begin, t_sent = asyncio.run(scenario())
         assert urgent.error is None, urgent.error
         time.sleep(0.3)  # trace lines are logged after each final response
         # Judged only if both batch requests were still running when the router got the urgent
-        # one (it did not reach the router before they ended: a stalled client, repeated).
-        urgent_trace = [
-            t
-            for t in vllm_server.traces().values()
-            if t["arrival"] >= t_sent and t["output_tokens"] == 8
-        ]
+        # one: on this 2-core machine a new request was seen reaching the router seconds late
+        # while the engine streamed to it (such a try is repeated, never judged).
+        traces = [t for t in vllm_server.traces().values() if t["arrival"] >= t_begin]
+        mine = [t for t in traces if t["output_tokens"] == 8 and t["arrival"] >= t_sent]
         queue_s = float(urgent.final["qlm_queue_s"][0])
-        t_router = urgent_trace[0]["arrival"] - queue_s if urgent_trace else math.inf
-        if evictions() >= ev0 + 1 or t_router < t_sent + 1.0:
+        t_router = mine[0]["arrival"] - queue_s if mine else math.inf
+        first_end = min((t["finished"] for t in traces if t["priority"] == 1), default=0.0)
+        # (An evicted request's first stream ends at its eviction: a try with an eviction counts.)
+        if evictions() >= ev0 + 1 or t_router < first_end - 0.3:
             break
-        print(f"\nattempt {attempt}: urgent reached the router {t_router - t_sent:.2f} s late")
+        batch_times = [
+            (round(t["engine_first_token"] - t_sent, 3), round(t["finished"] - t_sent, 3))
+            for t in traces
+            if t["priority"] == 1
+        ]
+        print(
+            f"\nattempt {attempt}: urgent at the router {t_router - t_sent:.2f} s after its send; "
+            f"batch (first token, end) from the send: {batch_times}"
+        )
     assert evictions() >= ev0 + 1, (attempt, [(b.tokens, b.error) for b in batch])
     assert _engine_aborts(vllm_server) >= ab0 + 1  # the eviction stopped the engine's work
     for b in batch:
