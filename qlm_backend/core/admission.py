@@ -17,15 +17,27 @@ from __future__ import annotations
 
 import math
 
-from qlm_backend.core.estimator import SlotClock
+from qlm_backend.core.estimator import ServiceProfile, SlotClock
 from qlm_backend.core.instances import InstanceState
 from qlm_backend.core.policies.base import PlanContext
 from qlm_backend.core.policies.common import p_meet_at
 from qlm_backend.core.request import Request
 
 
+def serving_count(model: str, ctx: PlanContext) -> int:
+    """Healthy instances running or loading `model` (at least 1)."""
+    return max(
+        1,
+        sum(
+            1
+            for i in ctx.instances.values()
+            if i.healthy and (i.model == model or i.loading == model)
+        ),
+    )
+
+
 def higher_class_delay(
-    req: Request, inst: InstanceState, ctx: PlanContext, now: float, wait_s: float
+    req: Request, prof: ServiceProfile, serving: int, ctx: PlanContext, now: float, wait_s: float
 ) -> float:
     """Seconds that higher-class arrivals (priority numbers below the request's) add to a wait of
     `wait_s`: each class c takes a share rho_c of the instance (its recent arrival rate x work,
@@ -35,15 +47,6 @@ def higher_class_delay(
     est = ctx.estimator
     cfg = ctx.config
     prio = ctx.classes[req.slo_class].priority
-    serving = max(
-        1,
-        sum(
-            1
-            for i in ctx.instances.values()
-            if i.healthy and (i.model == req.model or i.loading == req.model)
-        ),
-    )
-    prof = est.profile(req.model, inst.spec)
     rho, bounded = 0.0, 0.0
     for c in ctx.classes.values():
         if c.priority >= prio:
@@ -60,10 +63,11 @@ def higher_class_delay(
 
 
 def first_token_if_admitted(
-    req: Request, inst: InstanceState, ctx: PlanContext, now: float
+    req: Request, inst: InstanceState, ctx: PlanContext, now: float, serving: int
 ) -> float:
     """Expected absolute time of the request's first token on `inst` at its deadline-ordered
-    place in that instance's virtual queue (inf where the instance cannot serve it)."""
+    place in that instance's virtual queue (inf where the instance cannot serve it); `serving`:
+    serving_count(req.model, ctx), counted once per admission."""
     est = ctx.estimator
     if not inst.healthy or not est.can_serve(req.model, inst.spec):
         return math.inf
@@ -97,15 +101,16 @@ def first_token_if_admitted(
     clock = SlotClock(prof.batch, rem)
     clock.push(n_ahead, 0.5 * mean_w * (1.0 + cv2))
     wait = clock.start(n_ahead, sum(rem) + work_ahead)
-    wait += higher_class_delay(req, inst, ctx, now, wait)
+    wait += higher_class_delay(req, prof, serving, ctx, now, wait)
     return t + wait + prof.prefill_first_s
 
 
 def shed_reason(req: Request, ctx: PlanContext, now: float) -> str | None:
     """None to admit; else why the request cannot meet its deadline anywhere."""
     best_p, best_t = 0.0, math.inf
+    serving = serving_count(req.model, ctx)
     for inst in ctx.instances.values():
-        t = first_token_if_admitted(req, inst, ctx, now)
+        t = first_token_if_admitted(req, inst, ctx, now, serving)
         if t == math.inf:
             continue
         p = p_meet_at(req.deadline_s, t, now, ctx.config.rel_std_floor)
@@ -122,4 +127,4 @@ def shed_reason(req: Request, ctx: PlanContext, now: float) -> str | None:
     )
 
 
-__all__ = ["first_token_if_admitted", "higher_class_delay", "shed_reason"]
+__all__ = ["first_token_if_admitted", "higher_class_delay", "serving_count", "shed_reason"]

@@ -483,7 +483,7 @@ class RwtEstimator:
                 oracle
                 or (resumed is None and any(ctx.requests[r].tokens_done for r in rids))
                 or (resumed and not resumed.isdisjoint(rids))
-                or any(ctx.requests[r].req.output_fixed for r in rids)
+                or st0.req.output_fixed  # an entry is one group: all fixed or none
             ):
                 works = [self.request_work(ctx.requests[r], prof, oracle=oracle) for r in rids]
                 w_mean = sum(x[0] for x in works) / n

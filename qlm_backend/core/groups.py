@@ -22,6 +22,9 @@ class RequestGroup:
     model: str
     slo_class: str
     window: int  # floor(deadline_s / window_s)
+    # Requests whose length the caller fixed (Request.output_fixed) group apart: the estimator
+    # sums their known lengths instead of the class's distribution.
+    output_fixed: bool = False
     # (deadline_s, arrival_s, request_id) sorted: EDF inside the group, FCFS on ties.
     _keys: list[tuple[float, float, str]] = field(default_factory=list)
     prompt_tokens_sum: int = 0
@@ -77,8 +80,8 @@ class GroupIndex:
         self.max_size = max_size
         self.groups: dict[str, RequestGroup] = {}
         # (model, class, window) -> ids of its parts, oldest first; the last part takes new requests.
-        self._parts: dict[tuple[str, str, int], list[str]] = {}
-        self._next_part: dict[tuple[str, str, int], int] = {}
+        self._parts: dict[tuple[str, str, int, bool], list[str]] = {}
+        self._next_part: dict[tuple[str, str, int, bool], int] = {}
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -88,15 +91,16 @@ class GroupIndex:
 
     def add(self, req: Request) -> RequestGroup:
         window = math.floor(req.deadline_s / self.window_s)
-        key = (req.model, req.slo_class, window)
+        key = (req.model, req.slo_class, window, req.output_fixed)
         parts = self._parts.setdefault(key, [])
         if parts and len(self.groups[parts[-1]]) < self.max_size:
             g = self.groups[parts[-1]]
         else:
             n = self._next_part.get(key, 0)
             self._next_part[key] = n + 1
-            gid = f"{req.model}/{req.slo_class}/{window}/{n}"
-            g = RequestGroup(gid, req.model, req.slo_class, window)
+            fixed = "f" if req.output_fixed else ""
+            gid = f"{req.model}/{req.slo_class}/{window}{fixed}/{n}"
+            g = RequestGroup(gid, req.model, req.slo_class, window, req.output_fixed)
             self.groups[gid] = g
             parts.append(gid)
         g.add(req)
@@ -107,7 +111,7 @@ class GroupIndex:
         g.remove(req)
         if not len(g):
             del self.groups[group_id]
-            key = (g.model, g.slo_class, g.window)
+            key = (g.model, g.slo_class, g.window, g.output_fixed)
             parts = self._parts[key]
             parts.remove(group_id)
             if not parts:

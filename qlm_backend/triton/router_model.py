@@ -150,9 +150,10 @@ class RouterModel:
         self.loop.stop()
 
     # --- clock and servers --------------------------------------------------------------------
-    def _now(self) -> float:
-        """Core time: simulated seconds, so that deadlines and the engines' GPU timings agree."""
-        return (time.monotonic() - self._t0) / self.cfg.time_scale
+    def _now(self, wall: float | None = None) -> float:
+        """Core time (of `wall`, default now): simulated seconds, so that deadlines and the
+        engines' GPU timings agree."""
+        return ((time.monotonic() if wall is None else wall) - self._t0) / self.cfg.time_scale
 
     def _server(self, instance_id: str) -> EngineServer:
         url = self.cfg.url_for(instance_id)
@@ -177,7 +178,7 @@ class RouterModel:
             send_error(sender, f"{self.name}: the router is unloading", "unavailable")
             return
         rid = f"q{next(self._ids)}"
-        now = (received_wall - self._t0) / self.cfg.time_scale
+        now = self._now(received_wall)
         req = self.qm.make_request(
             rid,
             rr.model,
