@@ -240,7 +240,7 @@ MODELS["tiny-llama"] = ModelSpec(
     2,
     32,
     2000,
-    2048,
+    8192,
     4,
     "qlm_backend/tiny_model.py defaults (random weights, locally trained BPE tokenizer)",
 )

@@ -296,6 +296,10 @@ class RouterModel:
         return fields
 
     async def _dispatch(self, st: _Req, instance: str, priority: int, gen: int) -> None:
+        if st.gen != gen or self.reqs.get(st.rid) is not st:
+            # Cancelled or evicted between the Pull and this task's first step: there was no
+            # stream to stop then, so none may be opened now (it would run to its end unseen).
+            return
         engine = engine_model_name(st.rr.model, instance)
         stream = self._server(instance).stream(
             engine, self._engine_fields(st, priority), f"{st.rid}.{gen}"
@@ -314,6 +318,8 @@ class RouterModel:
                 final = ch.finish_reason is not None
                 if st.rr.params.stream:
                     self._respond(st, ch.text, ch.num_output_tokens, ch.finish_reason, final)
+                    if st.gen != gen:  # the send failed: the client is gone, already cancelled
+                        return
                 if final:
                     self._finish(st, ch.finish_reason)
                     return
@@ -340,7 +346,13 @@ class RouterModel:
             self.logger.log_error(f"{self.name}: dispatch of {st.rid} failed: {e!r}")
             if self.reqs.pop(st.rid, None) is not None:
                 self.qm.on_cancelled(st.rid, self._now())
+                self.metrics.outcome(st.rr.slo_class, "failed")
                 send_error(st.sender, f"{self.name}: internal error: {e}", "internal")
+        finally:
+            if st.gen != gen:
+                # Left for a newer generation (evicted, cancelled): make sure this stream's engine
+                # request stops, whoever left it (cancel() on an ended stream is a no-op).
+                stream.cancel()
 
     def _respond(self, st: _Req, text: str, n_new: int, reason: str | None, final: bool) -> None:
         p = st.rr.params
