@@ -287,10 +287,20 @@ def _priority_run(vs: VllmServer, use_priority: bool, low_tokens: list[int]) -> 
     # machine is busy, long enough for the first long request to finish before the last arrives.
     for s in lows:
         s.send()
-    # A fixed wait, then checked on the engine's trace ("queued" below): polling the metrics
-    # endpoint for the gauges was tried, but one scrape took up to 4.9 s on this shared machine and
-    # missed the window. The shortest long request takes ~2 s, so the queue still stands.
-    time.sleep(1.0)
+    # The urgent request goes once the engine holds a queue, by its own gauges. A fixed wait (1 s)
+    # was tried: this VM was seen to stall this client for 4-6 s while vLLM ran, so that the long
+    # requests reached the engine just before the urgent one, or had all started already. One
+    # scrape was seen taking up to 4.9 s here, so the queue is made ~3 waves (~7 s) deep. Whether
+    # it still stood when the urgent request came is judged afterwards on the engine's trace.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = vs.metrics()
+        if (
+            m.get("vllm:num_requests_running", 0) >= MAX_NUM_SEQS
+            and m.get("vllm:num_requests_waiting", 0) >= 3
+        ):
+            break
+        time.sleep(0.1)
     high.send()
     results = [s.collect() for s in [*lows, high]]
     assert all(r.error is None for r in results), [r.error for r in results]
@@ -332,9 +342,10 @@ def _priority_run(vs: VllmServer, use_priority: bool, low_tokens: list[int]) -> 
 
 
 def test_priority_serves_urgent_request_before_queued_ones(vllm_server: VllmServer) -> None:
-    # 2 run (max_num_seqs), 5 queue; long enough (the shortest ~2 s at this engine's speed) that
-    # a queue still stands when the urgent request arrives, even late.
-    low_tokens = [1000, 1200, 1400, 1600, 1800, 1900, 2000]  # distinct, so known by count
+    # 2 run (max_num_seqs), 5 queue; long enough (the shortest ~2.5 s at this engine's speed)
+    # that a queue still stands when the urgent request arrives, even late. Distinct, so that each
+    # is known by its token count in the trace.
+    low_tokens = [2400, 2600, 2800, 3000, 3200, 3400, 3600]
     min_queued = 2  # what the ratio below needs: fcfs seats the urgent one after them all
 
     def run(use_priority: bool) -> dict[str, Any]:
