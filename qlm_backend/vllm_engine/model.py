@@ -479,6 +479,8 @@ class VllmEngineModel:
             self.logger.log_warn(f"{self.name}: engine shutdown failed: {e!r}")
         self.loop.stop()
         self._io.stop()
+        if self.metrics is not None:
+            self.metrics.close()
         self.logger.log_info(f"{self.name}: vLLM engine stopped")
 
     async def _drain(self) -> None:

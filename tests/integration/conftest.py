@@ -89,3 +89,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
         server.stop()
         # Every process of the server's group is gone: no stub or engine left behind.
         assert server.descendants() == []
+        # Every model unloaded cleanly: the 2.51 stub crashed at exit while our metric families
+        # were left to the interpreter's teardown (now released in finalize()).
+        log = (base / "server.log").read_text(errors="replace")
+        assert "Segfault encountered" not in log, "a Python-backend stub crashed at unload"
