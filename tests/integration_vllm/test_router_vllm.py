@@ -323,6 +323,9 @@ def _all_in(vs: VllmServer, queued: int, timeout_s: float = 30) -> bool:
     return False
 
 
+# Up to 5 tries, each waiting up to 30 s for its requests to arrive and 120 s for their ends on a
+# stalling machine: more than the file's 180 s.
+@pytest.mark.timeout(600)
 def test_cancel_while_queued_and_while_streaming(vllm_server: VllmServer) -> None:
     """Four 6000-token batch requests: two stream from the engine, two wait in the router; the
     client cancels all four a second in. The queued ones leave the router's queue (never reaching
