@@ -17,7 +17,9 @@ SOAK_ARGS ?= --minutes 30
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Retried: a download cut short by the network (seen on PyPI's CDN) should not fail the build.
+	for i in 1 2 3; do $(BIN)/python -m pip install -q --resume-retries 20 -e '.[dev]' && break; \
+	    [ $$i = 3 ] && exit 1; echo "pip install failed, retrying ($$i/3)"; sleep 5; done
 	touch $(STAMP)
 
 setup: $(STAMP)

