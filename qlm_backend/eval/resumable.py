@@ -44,8 +44,9 @@ class ResumableEngine(SimEngine):
         seq = self._waiting[-1]  # add() appends the new sequence
         assert seq.req is req
         seq.generated = generated
-        seq.swapped = True  # SimEngine charges kv_swap_s(context) when it is admitted
-        seq.needs_prefill = False
+        seq.swapped = True  # SimEngine charges kv_swap_s(computed) when it is admitted
+        # The host copy holds every token's KV but the last one sampled (its decode comes next).
+        seq.computed = max(0, req.prompt_tokens + generated - 1)
 
     def _start_iteration(self, now: float) -> None:
         super()._start_iteration(now)

@@ -148,3 +148,50 @@ def test_bad_requests_are_refused():
         eng.add(make_request("a"), 0.0)
     with pytest.raises(ValueError, match="scheduling"):
         SimEngine(make_perf(), scheduling="lifo")  # type: ignore[arg-type]
+
+
+def test_a_prompt_longer_than_the_token_budget_is_prefilled_in_chunks():
+    eng = SimEngine(make_perf(), max_num_batched_tokens=512)
+    eng.add(make_request("long", prompt=1200, out=2), 0.0)
+    ev = run(eng)
+    # 512 + 512 + 176 prompt tokens: the first token comes with the third step.
+    assert eng.stats.iterations == 4 and eng.stats.prefill_tokens == 1200
+    assert [e.token_index for e in ev] == [0, 1]
+
+
+def test_running_decodes_keep_their_cadence_while_a_long_prompt_is_chunked():
+    eng = SimEngine(make_perf(), max_num_batched_tokens=512)
+    eng.add(make_request("d", prompt=10, out=200), 0.0)
+    run(eng, until=0.05)
+    before = eng.stats.generated_tokens
+    eng.add(make_request("long", prompt=4000, out=2), 0.05)
+    ev = run(eng, until=1.0)
+    long_first = first_token_times(ev).get("long")
+    d_tokens = [e for e in ev if e.request_id == "d"]
+    # The decode got a token in every step the prompt's chunks took (budget: 511 + 1 per step).
+    assert long_first is not None
+    assert sum(1 for e in d_tokens if e.time_s <= long_first) >= 4000 // 512
+    assert eng.stats.generated_tokens > before
+
+
+def test_decode_steps_slow_down_while_a_chunk_shares_them():
+    eng = SimEngine(make_perf(), max_num_batched_tokens=2048)
+    eng.add(make_request("d", prompt=10, out=40), 0.0)
+    ev = run(eng, until=0.1)
+    t = [e.time_s for e in ev if e.request_id == "d"]
+    plain = t[-1] - t[-2]
+    eng.add(make_request("p", prompt=2000, out=2), ev[-1].time_s)
+    ev2 = run(eng, until=ev[-1].time_s + 0.5)
+    t2 = [e.time_s for e in ev2 if e.request_id == "d"]
+    # The step that carried the 2000-token chunk (the one in progress when it came was not).
+    assert max(b - a for a, b in zip(t2, t2[1:], strict=False)) > 3 * plain
+
+
+def test_the_per_request_overhead_delays_scheduling_and_is_reported():
+    perf = make_perf()
+    slow = replace(perf, eff=replace(perf.eff, request_overhead_s=0.05))
+    eng = SimEngine(slow)
+    eng.add(make_request("a", out=2), 1.0)
+    ev = run(eng)
+    assert ev[0].scheduled_s == pytest.approx(1.05)
+    assert ev[0].time_s > 1.05 and ev[1].scheduled_s is None
