@@ -11,7 +11,7 @@ LOADTEST_ARGS ?=
 SOAK_ARGS ?= --minutes 30
 
 .PHONY: setup setup-vllm serve serve-vllm test test-fast lint typecheck unit integration test-vllm \
-        test-slow eval loadtest soak bench-planner bench-router bench-realtime bench-fidelity \
+        test-slow eval loadtest soak bench-planner bench-router bench-realtime bench-fidelity calibrate \
         bench-overload fmt clean
 
 $(STAMP): pyproject.toml
@@ -84,8 +84,12 @@ bench-realtime: setup
 bench-overload: setup
 	$(BIN)/qlm-bench overload --out results/bench-overload.json
 
+# ~20 min each: they replay trace slices through the real vLLM engine at three loads.
 bench-fidelity: setup setup-vllm
-	$(BIN)/qlm-bench fidelity
+	$(BIN)/qlm-bench fidelity --sweep
+
+calibrate: setup setup-vllm
+	$(BIN)/qlm-bench calibrate
 
 fmt: setup
 	$(BIN)/ruff format qlm_backend tests clients loadtest model_repository

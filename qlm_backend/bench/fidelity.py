@@ -72,8 +72,9 @@ def print_table(rows: list[dict[str, Any]]) -> bool:
             bad = not (1 - TOLERANCE <= ratio <= 1 + TOLERANCE)
             ok &= not bad
             rng = f"{r['real_lo'][k]:.4f}-{r['real_hi'][k]:.4f}"
+            load = f"{r['load']:.2f}" if r["load"] > 0 else "-"  # a single replay set: no sweep
             print(
-                f"{r['slice']:<6}{r['load']:>6.2f}{r['rate_req_s']:>7.2f}  {k:<18}"
+                f"{r['slice']:<6}{load:>6}{r['rate_req_s']:>7.2f}  {k:<18}"
                 f"{r['real'][k]:>10.4f}{rng:>22}{r['sim'][k]:>10.4f}{ratio:>9.2f}"
                 + ("  <-- outside +-25%" if bad else "")
             )
