@@ -7,6 +7,7 @@ executes the returned actions and reports events back (see api.py for the loop).
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -29,7 +30,7 @@ from qlm_backend.core.fleet import FleetConfig
 from qlm_backend.core.groups import GroupIndex
 from qlm_backend.core.instances import InstanceState, WarmSet
 from qlm_backend.core.lso import execute_plan
-from qlm_backend.core.policies import make_policy
+from qlm_backend.core.policies import POLICIES, make_policy, validate_policy_name
 from qlm_backend.core.policies.base import Plan, PlanContext, Policy, QueueEntry
 from qlm_backend.core.request import Request, RequestState, Status
 from qlm_backend.core.slo import SloClass, index_classes
@@ -91,9 +92,15 @@ class QueueManager:
         self.config = config or ManagerConfig(warm_slots_per_host=fleet.warm_slots_per_host)
         self.classes: dict[str, SloClass] = index_classes(fleet.slo_classes)
         self.timer = timer
-        self.policy: Policy = (
-            make_policy(policy, **policy_kwargs) if isinstance(policy, str) else policy
-        )
+        if isinstance(policy, str):
+            # A planner that budgets its compute time reads the manager's clock: the step's start
+            # and the planner's elapsed time must come from one timer.
+            factory = POLICIES[validate_policy_name(policy)]
+            if "timer" in inspect.signature(factory).parameters:
+                policy_kwargs.setdefault("timer", timer)
+            self.policy: Policy = make_policy(policy, **policy_kwargs)
+        else:
+            self.policy = policy
         self.estimator = RwtEstimator(self.classes, self.config)
         self.groups = GroupIndex(self.config.group_window_s, self.config.group_max_size)
         self.requests: dict[str, RequestState] = {}

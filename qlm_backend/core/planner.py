@@ -62,7 +62,9 @@ class GlobalPlanner:
             return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
         cols, nnz = estimate_size(p, cfg.time_buckets)
         info["cols"] = float(cols)
-        budget = cfg.plan_budget_s - (self.timer() - t_start)
+        work_clock = cfg.plan_budget_clock == "work"
+        # Work clock: what was spent so far is not read from a clock (config.plan_budget_clock).
+        budget = cfg.plan_budget_s - (0.0 if work_clock else self.timer() - t_start)
         if self.solver == "auto":
             if budget <= 0:
                 why = f"budget {cfg.plan_budget_s * 1e3:.0f} ms exhausted before solve"
@@ -87,7 +89,7 @@ class GlobalPlanner:
             buckets=cfg.time_buckets,
             swap_penalty=cfg.swap_hysteresis,
             rel_std=max(cfg.rel_std_floor, 0.15),
-            budget_s=budget,
+            budget_s=3600.0 if work_clock else budget,
             use_pulp=cols <= cfg.pulp_max_cols,
             timer=self.timer,
         )

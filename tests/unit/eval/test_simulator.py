@@ -105,3 +105,20 @@ def test_cli_reports_a_malformed_trace(tmp_path: Path, capsys) -> None:
     assert main(["--trace", str(bad), "--out", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "line 3" in err and "'output_tokens'" in err
+
+
+def test_a_simulation_decides_the_same_however_slow_the_machine() -> None:
+    # The planner's budget counts predicted work in the simulator, not wall seconds: a timer that
+    # says every call took a second (each planner step "spends" far over its 50 ms budget, which
+    # on the wall clock sends every decision to the fallback) changes no decision and no outcome.
+    sc, wl = workload("wb", 150, 2.0)
+    ticks = iter(range(10**9))
+
+    def slow_timer() -> float:
+        return next(ticks) * 1.0
+
+    fast = simulate(sc.fleet, wl, SimSettings("qlm"))
+    slow = simulate(sc.fleet, wl, SimSettings("qlm", timer=slow_timer))
+    key = [(r.req.request_id, r.outcome, r.first_token_s, r.finish_s) for r in fast.records]
+    assert key == [(r.req.request_id, r.outcome, r.first_token_s, r.finish_s) for r in slow.records]
+    assert fast.counters == slow.counters
