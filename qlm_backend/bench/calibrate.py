@@ -26,15 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from qlm_backend.bench.fidelity import add_engine_args, check_prereqs, spec_from_args
 from qlm_backend.bench.real_engine import ROOT, Outcome, RealEngine
 from qlm_backend.bench.sweep import (
     METRICS,
     SweepSpec,
+    add_engine_args,
     cell_replays,
+    check_prereqs,
     median_summary,
     record,
     sim_replays,
+    spec_from_args,
 )
 from qlm_backend.engine import hardware as hw
 from qlm_backend.engine.perf import Efficiency, PerfModel
@@ -71,12 +73,12 @@ def residuals(eff: Efficiency, cells: list[Any], spec: SweepSpec) -> np.ndarray:
     return np.array(res)
 
 
-def fit(rec: dict[str, Any], start: Efficiency, max_evals: int = 400) -> tuple[Efficiency, float]:
+def fit(
+    cells: list[Any], spec: SweepSpec, start: Efficiency, max_evals: int = 400
+) -> tuple[Efficiency, float]:
     """Nelder-Mead over the log of the free factors (all positive)."""
     from scipy.optimize import minimize
 
-    spec = SweepSpec(**{**rec["spec"], "slices": tuple(rec["spec"]["slices"])})
-    cells = _cells(rec)
     x0 = np.log([float(getattr(start, k) or 1.0) for k in FREE])
     evals = 0
 
@@ -126,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         runs_file = a.record_to
         print(f"recorded {runs_file}")
     start = efficiency_for(GPU)
-    spec = SweepSpec(**{**rec["spec"], "slices": tuple(rec["spec"]["slices"])})
-    before = residuals(start, _cells(rec), spec)
-    print(f"fitting {', '.join(FREE)} on {len(rec['cells'])} cells", flush=True)
-    eff, rms = fit(rec, start, a.max_evals)
-    after = residuals(eff, _cells(rec), spec)
+    spec = SweepSpec.from_dict(rec["spec"])
+    cells = _cells(rec)
+    before = residuals(start, cells, spec)
+    print(f"fitting {', '.join(FREE)} on {len(cells)} cells", flush=True)
+    eff, rms = fit(cells, spec, start, a.max_evals)
+    after = residuals(eff, cells, spec)
     meta = {
         "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": rec.get("machine", ""),

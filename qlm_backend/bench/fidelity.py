@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,15 @@ from qlm_backend.bench.real_engine import ROOT, RealEngine, load_slice, trace_pa
 from qlm_backend.bench.sweep import (
     METRICS,
     SweepSpec,
+    add_engine_args,
     cell_arrivals,
     cell_replays,
+    check_prereqs,
+    make_cell,
     median_summary,
     record,
     sim_replays,
+    spec_from_args,
     summarize,
 )
 from qlm_backend.engine.perf import PerfModel
@@ -81,18 +86,14 @@ def print_table(rows: list[dict[str, Any]]) -> bool:
     return ok
 
 
-def plot_overload(rec: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:
+def plot_overload(cells: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
+    """Both engines' TTFT over time in the overload cells (`rows` compare `cells`, in order)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    over = [
-        (c, r)
-        for c in rec["cells"]
-        for r in rows
-        if c["load"] > 1 and c["slice"] == r["slice"] and c["load"] == r["load"]
-    ]
+    over = [(c, r) for c, r in zip(cells, rows, strict=True) if r["load"] > 1]
     if not over:
         return
     fig, axes = plt.subplots(1, len(over), figsize=(6 * len(over), 4), squeeze=False)
@@ -123,50 +124,15 @@ def plot_overload(rec: dict[str, Any], rows: list[dict[str, Any]], path: Path) -
     plt.close(fig)
 
 
-def spec_from_args(a: argparse.Namespace, sweep: bool) -> SweepSpec:
-    return SweepSpec(
-        slices=tuple(a.slices.split(",")) if sweep else (a.trace,),
-        start=a.start,
-        requests=a.requests,
-        loads=tuple(float(x) for x in a.loads.split(",")) if sweep else (),
-        repeats=a.repeats,
-        token_scale=a.token_scale,
-        max_prompt=a.max_prompt,
-        max_output=a.max_output,
-        max_num_seqs=a.max_num_seqs,
-        max_num_batched_tokens=a.max_num_batched_tokens,
-    )
-
-
-def check_prereqs(venv: Path, model_dir: Path) -> str | None:
-    if not (venv / "bin" / "python").exists():
-        return f"no vLLM venv at {venv}: run scripts/setup-vllm.sh"
-    if not (model_dir / "config.json").exists():
-        return f"no tiny model at {model_dir}: run qlm-build-tiny-model"
-    return None
-
-
-def add_engine_args(ap: argparse.ArgumentParser, start: int) -> None:
-    ap.add_argument("--slices", default="conv,code", help="trace slices of the sweep")
-    ap.add_argument("--start", type=int, default=start, help="first trace row of each slice")
-    ap.add_argument("--requests", type=int, default=120)
-    ap.add_argument("--loads", default="0.25,0.9,1.5", help="x the measured capacity")
-    ap.add_argument("--token-scale", type=float, default=1.0)
-    ap.add_argument("--max-prompt", type=int, default=7000)
-    ap.add_argument("--max-output", type=int, default=1000)
-    ap.add_argument("--max-num-seqs", type=int, default=32)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--venv", type=Path, default=ROOT / ".venv-vllm")
-    ap.add_argument("--model-dir", type=Path, default=ROOT / ".qlm" / "models" / "tiny-llama")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="qlm-bench fidelity", description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="light / 0.9x / 1.5x on both slices")
     ap.add_argument("--trace", choices=("conv", "code"), default="conv", help="without --sweep")
     ap.add_argument("--rate", type=float, default=6.0, help="without --sweep: requests/s")
     ap.add_argument("--repeats", type=int, default=3, help="replays through the real engine")
-    ap.add_argument("--runs", type=Path, help="a recorded sweep (JSON) instead of the real engine")
+    ap.add_argument(
+        "--runs", type=Path, help="a recorded sweep (JSON: this bench's --out or calibrate's)"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "fidelity.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "results" / "fidelity-overload.png")
     add_engine_args(ap, start=1000)
@@ -174,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = spec_from_args(a, a.sweep)
 
     if a.runs is not None:
-        rec = json.loads(a.runs.read_text())
-        spec = SweepSpec(**{**rec["spec"], "slices": tuple(rec["spec"]["slices"])})
+        doc = json.loads(a.runs.read_text())
+        rec = doc.get("record", doc)  # this bench's own output, or calibrate's recording
+        spec = SweepSpec.from_dict(rec["spec"])
     else:
         err = check_prereqs(a.venv, a.model_dir)
         if err:
@@ -198,20 +165,12 @@ def main(argv: list[str] | None = None) -> int:
                     a.max_output,
                 )
                 runs = [engine.replay(arr) for _ in range(a.repeats)]
-                rec = {
-                    "spec": spec.__dict__,
-                    "engine_load_s": engine.load_s,
-                    "cells": [
-                        {
-                            "slice": a.trace,
-                            "load": 0.0,
-                            "arrivals": [x.__dict__ for x in arr],
-                            "replays": [[o.__dict__ for o in r] for r in runs],
-                        }
-                    ],
-                }
+                # One cell, load 0: a rate given in requests/s, not a share of capacity.
+                cell = make_cell(a.trace, spec, 0.0, 0.0, arr, runs)
+                rec = {"spec": asdict(spec), "engine_load_s": engine.load_s, "cells": [cell]}
     perf = sim_perf()
-    rows = [compare_cell(c, spec, perf) for c in rec["cells"] if c["load"] >= 0]
+    cells = [c for c in rec["cells"] if c["load"] >= 0]  # the capacity probes are not compared
+    rows = [compare_cell(c, spec, perf) for c in cells]
     print("real vLLM timed by the engine (its trace; median of the replays, their range shown);")
     print("simulated: SimEngine with engine/profiles/cpu-2core.json")
     ok = print_table(rows)
@@ -226,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.write_text(json.dumps({"record": rec, "rows": rows, "within_25pct": ok}) + "\n")
     print(f"wrote {a.out}")
     if a.sweep or a.runs is not None:
-        plot_overload(rec, rows, a.plot)
+        plot_overload(cells, rows, a.plot)
         print(f"wrote {a.plot}")
     return 0
 

@@ -5,14 +5,17 @@ and the fidelity table can be recomputed without rerunning the real engine.
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from qlm_backend.bench.real_engine import (
+    ROOT,
     Arrival,
     Outcome,
     RealEngine,
@@ -40,6 +43,11 @@ class SweepSpec:
     max_output: int = 1000
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SweepSpec:
+        """From a recording's "spec" (JSON has lists where the spec has tuples)."""
+        return cls(**{**d, "slices": tuple(d["slices"]), "loads": tuple(d["loads"])})
 
 
 def _pct(xs: Sequence[float], q: float) -> float:
@@ -88,7 +96,7 @@ def record(
         makespan = max(o.arrival_s + o.e2e_s for o in probe)
         capacity_rps = len(probe) / makespan
         progress(f"{kind}: capacity {capacity_rps:.2f} req/s ({makespan:.1f} s for {len(probe)})")
-        cells.append(_cell(kind, spec, -1.0, capacity_rps, probe_arr, [probe]))
+        cells.append(make_cell(kind, spec, -1.0, capacity_rps, probe_arr, [probe]))
         arrs = {load: rescale(base, load * capacity_rps) for load in spec.loads}
         runs: dict[float, list[list[Outcome]]] = {load: [] for load in spec.loads}
         # Round robin over the loads: this VM's speed drifts by tens of percent over minutes
@@ -103,7 +111,7 @@ def record(
                     + " ".join(f"{k}={v:.4f}" for k, v in s.items())
                 )
         for load in spec.loads:
-            cells.append(_cell(kind, spec, load, capacity_rps, arrs[load], runs[load]))
+            cells.append(make_cell(kind, spec, load, capacity_rps, arrs[load], runs[load]))
     return {
         "recorded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
@@ -113,7 +121,7 @@ def record(
     }
 
 
-def _cell(
+def make_cell(
     kind: str,
     spec: SweepSpec,
     load: float,
@@ -149,3 +157,41 @@ def sim_replays(
         arr = [Arrival(o.arrival_s, o.prompt_tokens, o.output_tokens) for o in run]
         out.append(run_sim(perf, arr, spec.max_num_seqs, spec.max_num_batched_tokens))
     return out
+
+
+# --- command-line options shared by `qlm-bench fidelity` and `qlm-bench calibrate` --------------
+def add_engine_args(ap: argparse.ArgumentParser, start: int) -> None:
+    ap.add_argument("--slices", default="conv,code", help="trace slices of the sweep")
+    ap.add_argument("--start", type=int, default=start, help="first trace row of each slice")
+    ap.add_argument("--requests", type=int, default=120)
+    ap.add_argument("--loads", default="0.25,0.9,1.5", help="x the measured capacity")
+    ap.add_argument("--token-scale", type=float, default=1.0)
+    ap.add_argument("--max-prompt", type=int, default=7000)
+    ap.add_argument("--max-output", type=int, default=1000)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--venv", type=Path, default=ROOT / ".venv-vllm")
+    ap.add_argument("--model-dir", type=Path, default=ROOT / ".qlm" / "models" / "tiny-llama")
+
+
+def spec_from_args(a: argparse.Namespace, sweep: bool) -> SweepSpec:
+    return SweepSpec(
+        slices=tuple(a.slices.split(",")) if sweep else (a.trace,),
+        start=a.start,
+        requests=a.requests,
+        loads=tuple(float(x) for x in a.loads.split(",")) if sweep else (),
+        repeats=a.repeats,
+        token_scale=a.token_scale,
+        max_prompt=a.max_prompt,
+        max_output=a.max_output,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+    )
+
+
+def check_prereqs(venv: Path, model_dir: Path) -> str | None:
+    if not (venv / "bin" / "python").exists():
+        return f"no vLLM venv at {venv}: run scripts/setup-vllm.sh"
+    if not (model_dir / "config.json").exists():
+        return f"no tiny model at {model_dir}: run qlm-build-tiny-model"
+    return None

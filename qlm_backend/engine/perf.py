@@ -174,12 +174,6 @@ class PerfModel:
         chunks = ((prefill_tokens, 0),) if prefill_tokens > 0 else ()
         return self.step_s(decode_batch, context_tokens, chunks)
 
-    def prefill_added_s(self, prompt_tokens: int, decode_batch: int, context_tokens: int) -> float:
-        """What one prompt adds to the iterations of `decode_batch` running decodes."""
-        return self.iteration_s(prompt_tokens, decode_batch, context_tokens) - self.step_s(
-            decode_batch, context_tokens
-        )
-
     def decode_tokens_per_s(self, batch_size: int, avg_context_tokens: int) -> float:
         step = self.decode_step_s(batch_size, batch_size * avg_context_tokens)
         return batch_size / step if step > 0 else 0.0

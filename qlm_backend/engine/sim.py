@@ -229,11 +229,11 @@ class SimEngine:
         budget = self.max_num_batched_tokens
         sched: dict[_Seq, int] = {}
         swap_s = 0.0
-        preempted = False
+        preempted: set[_Seq] = set()
         for s in list(self._running):
             if budget <= 0:
                 break
-            if s not in self._running:  # preempted earlier in this loop
+            if s in preempted:  # a victim earlier in this loop
                 continue
             new = min(s.context_tokens - s.computed, budget)
             need = self._blocks_for(s.computed + new) - s.blocks
@@ -241,10 +241,10 @@ class SimEngine:
                 victim = self._victim()
                 budget += sched.pop(victim, 0)
                 swap_s += self._preempt(victim)
-                preempted = True
+                preempted.add(victim)
                 if victim is s:
                     break
-            if s not in self._running:
+            if s in preempted:
                 continue
             self.free_blocks -= max(0, need)
             s.blocks += max(0, need)
@@ -252,14 +252,17 @@ class SimEngine:
             budget -= new
         if not preempted:
             self._waiting.sort(key=self._queue_key)
-            for s in [w for w in self._waiting if w.ready_s <= now]:
+            admitted: set[_Seq] = set()
+            for s in self._waiting:
                 if budget <= 0 or len(self._running) >= self.max_num_seqs:
                     break
+                if s.ready_s > now:  # still on its way to the scheduler
+                    continue
                 new = min(s.context_tokens - s.computed, budget)
                 need = self._blocks_for(s.computed + new)
                 if need > self.free_blocks:
                     break
-                self._waiting.remove(s)
+                admitted.add(s)
                 self.free_blocks -= need
                 s.blocks = need
                 if s.swapped:
@@ -270,6 +273,8 @@ class SimEngine:
                 self._running.append(s)
                 sched[s] = new
                 budget -= new
+            if admitted:
+                self._waiting = [w for w in self._waiting if w not in admitted]
         if not sched:
             if any(w.ready_s <= now for w in self._waiting):
                 if preempted:  # vLLM admits nothing in a step that preempted: the next one does
@@ -277,10 +282,15 @@ class SimEngine:
             elif self._waiting:  # requests still on their way to the scheduler start the engine
                 self._start_at = min(w.ready_s for w in self._waiting)
             return
-        decode = [s for s, n in sched.items() if n == 1 and s.computed == s.context_tokens - 1]
-        chunks = [(n, s.computed) for s, n in sched.items() if s not in decode]
-        ctx = sum(s.computed for s in decode)
-        dur = self.perf.step_s(len(decode), ctx, chunks) + swap_s
+        n_decode, ctx = 0, 0
+        chunks: list[tuple[int, int]] = []
+        for s, n in sched.items():
+            if n == 1 and s.computed == s.context_tokens - 1:  # a decode: its last token's KV
+                n_decode += 1
+                ctx += s.computed
+            else:
+                chunks.append((n, s.computed))
+        dur = self.perf.step_s(n_decode, ctx, chunks) + swap_s
         self.stats.iterations += 1
         self.stats.busy_s += dur
         self.stats.prefill_tokens += sum(n for n, _ in chunks)
