@@ -3,7 +3,7 @@
 How to drive the QueueManager (router in real time, simulator in virtual time)::
 
     fleet = load_fleet("fleet.json")                      # or parse_fleet(dict)
-    qm = QueueManager(fleet, policy="qlm")                # or fcfs / edf / priority / shepherd / oracle
+    qm = QueueManager(fleet, policy="qlm")                # or any name in POLICY_NAMES
     # engines use qm.policy.traits.engine_scheduling ("fcfs" or "priority")
     while running:
         for req in arrivals(now):                         # Request(...) or qm.make_request(...)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -79,6 +80,10 @@ class ManagerConfig:
     # Relative floor on the first-token time's standard deviation: the CLT sum shrinks the spread of
     # long queues, but throughput itself is only known to ~10%.
     rel_std_floor: float = 0.10
+    # Online recalibration on top of the EWMA statistics (core/recalibration.py): a learnt ratio on
+    # the pull-to-first-token delay per (model, GPU, TP), and a faster warm-up of the output-length
+    # priors. False: the estimator learns only its EWMAs (qlm-bench calibration compares both).
+    recalibrate: bool = True
     # --- LSOs -----------------------------------------------------------------------------
     evict_p_threshold: float = 0.5  # evict for a queued request whose P(meet) falls below this ...
     evict_gain_min: float = 0.2  # ... only if eviction raises its P(meet) by at least this
@@ -92,6 +97,15 @@ class ManagerConfig:
     # 2 s, seeds 0-3: wa 0.878 -> 0.926, wc 0.862 -> 0.874: the baselines' rate is a knob too.)
     qlm_evict_cooldown_s: float | None = 5.0
     max_evictions_per_request: int = 2
+    # Work bound on pulls (policies with traits.pull_bound "work"): the prompt seconds an engine may
+    # hold not yet prefilled, as a share of the tightest class's TTFT SLO (a request pulled now
+    # waits at most about that long for the prefills ahead of it), and the KV tokens it may hold
+    # (prompt + expected output of everything in flight) as a multiple of its KV cache. Off (inf)
+    # by default: on six development cells (qlm-eval load 1-2, 1000 requests; docs/scheduling.md)
+    # caps of 0.1 and 1.0 gained 0.11 on the code trace but lost 0.035 and 0.074 on the long-prompt
+    # trace and 0.04 on the conversation trace; the dev-set protocol is to pick the values.
+    pull_prefill_backlog_share: float = math.inf
+    pull_kv_overcommit: float = math.inf
     # Which running requests may be evicted for a queued group at risk: "lower" only those of a
     # lower class; "any" every request whose first token is out (its TTFT SLO is already met, so
     # evicting it costs recompute or KV-swap work, not an SLO), lower classes first.

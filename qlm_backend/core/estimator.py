@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from qlm_backend.core.config import ManagerConfig
 from qlm_backend.core.fleet import InstanceSpec
+from qlm_backend.core.recalibration import Recalibrator
 from qlm_backend.core.request import RequestState
 from qlm_backend.core.slo import SloClass
 from qlm_backend.engine.perf import PerfModel
@@ -204,6 +205,7 @@ class RwtEstimator:
         self._corr: dict[tuple[str, str, int], Ewma] = {}  # observed / predicted decode step
         self._perf: dict[tuple[str, str, int], PerfModel | None] = {}
         self._profiles: dict[tuple[str, str, int, int], ServiceProfile] = {}
+        self.recal = Recalibrator(config.ewma_alpha, enabled=config.recalibrate)
 
     # ------------------------------------------------------------------ statistics
     def output_stats(self, model: str, slo_class: str) -> tuple[float, float]:
@@ -219,7 +221,7 @@ class RwtEstimator:
         if e is None:
             m, v = self.output_stats(model, slo_class)
             e = self._out[key] = Ewma(m, v)
-        e.update(float(tokens), self.config.ewma_alpha)
+        e.update(float(tokens), self.recal.output_alpha(e.n))
         self._invalidate(model)
 
     def observe_arrival(self, model: str, slo_class: str, now: float) -> None:
@@ -269,12 +271,29 @@ class RwtEstimator:
         r = st.req
         if not r.output_fixed:  # a length the caller fixed says nothing of the class's lengths
             self.observe_output(r.model, r.slo_class, output_tokens)
+        self._recalibrate_first_token(st, inst)
         if st.first_token_s is None or st.evictions or output_tokens < 8:
             return
         step = (now - st.first_token_s) / (output_tokens - 1)
         batch = max(1, len(inst.in_flight) + 1)
         ctx = int(batch * (self.prompt_mean(r.model) + output_tokens / 2))
         self.observe_step(r.model, inst.spec, step, batch, ctx)
+
+    # ------------------------------------------------------------------ recalibration
+    def _recalibrate_first_token(self, st: RequestState, inst: InstanceState) -> None:
+        """A request that ran once, pull to first token, against the prediction without the learnt
+        factor (core/recalibration.py)."""
+        if not self.recal.enabled or st.evictions:
+            return
+        if st.dispatched_s is None or st.first_token_s is None:
+            return
+        model = st.req.model
+        key = (model, inst.spec.gpu, inst.spec.tp)
+        base = self.profile(model, inst.spec).prefill_first_s / self.recal.prefill_factor(key)
+        delay = st.first_token_s - st.dispatched_s
+        # It has left the in-flight set already: the instance held it too.
+        if self.recal.observe_first_token(key, delay, base, len(inst.in_flight) + 1):
+            self._invalidate(model)
 
     def _invalidate(self, model: str) -> None:
         for k in [k for k in self._profiles if k[0] == model]:
@@ -308,6 +327,8 @@ class RwtEstimator:
         # The batch a busy instance runs: the pull bound, the engine's sequence cap, and how many
         # average full contexts its KV cache holds (beyond that vLLM preempts).
         kv_fit = max(1, int(perf.kv_capacity_tokens // max(1.0, prompt + out)))
+        # Full contexts are a pessimistic count: a concurrency seen running promptly is a floor.
+        kv_fit = max(kv_fit, self.recal.concurrency((model, spec.gpu, spec.tp)))
         batch = max(1, min(bound, ENGINE_MAX_SEQS, kv_fit))
         corr = self._corr.get((model, spec.gpu, spec.tp))
         c = corr.mean if corr is not None else 1.0
@@ -315,11 +336,12 @@ class RwtEstimator:
         pre = perf.prefill_s(int(prompt)) * c
         # A prefill rides in one iteration with the decodes: what it adds beyond a decode step.
         stall = max(0.0, pre - perf.decode_step_s(1, 0) * c)
+        first = (0.5 * step + pre) * self.recal.prefill_factor((model, spec.gpu, spec.tp))
         prof = ServiceProfile(
             model=model,
             batch=batch,
             step_s=step,
-            prefill_first_s=0.5 * step + pre,
+            prefill_first_s=first,
             prefill_stall_s=stall,
             load_warm_s=perf.load_s(warm=True),
             load_cold_s=perf.load_s(warm=False),

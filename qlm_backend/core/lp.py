@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from qlm_backend.core.heuristic import Assignment
+from qlm_backend.core.lp_compact import CompactLp, bucket_costs, build_compact
 from qlm_backend.core.problem import Problem
 
 SOLVER_OK = "optimal"
@@ -105,37 +106,14 @@ def predict_lp_s(nnz: int, s_per_nonzero: float, nnz_knee: float) -> float:
     return s_per_nonzero * nnz * (1.0 + nnz / max(1.0, nnz_knee))
 
 
-def _erf(x: np.ndarray) -> np.ndarray:
-    """Vectorised erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7): no scipy in the core."""
-    sign = np.sign(x)
-    a = np.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = t * (
-        0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
-    )
-    return sign * (1.0 - poly * np.exp(-a * a))
-
-
-def normal_cdf_vec(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
-
-
 def build_matrix(p: Problem, ends: np.ndarray, swap_penalty: float, rel_std: float) -> LpModel:
     G, k = p.cand.shape
     B = len(ends)
     nb = B + 1
     valid = p.cand >= 0
     # --- x costs: expected weighted misses if served by the middle of the bucket
-    starts_t = np.concatenate([[0.0], ends[:-1]])
-    mids = (starts_t + ends) / 2.0
-    t = mids[None, None, :] + p.prefill_s[:, :, None]  # (G, k, B)
-    sd = np.maximum(1.0, rel_std * t)
-    p_miss = 1.0 - normal_cdf_vec((p.slack_s[:, None, None] - t) / sd)
-    wn = (p.weight * p.n)[:, None, None]
-    # A small pull towards earlier buckets: among plans with equal misses, serve sooner.
-    early = 1e-3 * np.broadcast_to(mids / ends[-1], (G, k, B))
-    cost_f = wn * (p_miss + early)
-    cost_o = np.broadcast_to(wn[:, :, 0] * (1.0 + 2e-3), (G, k))[:, :, None]
+    cost_f, cost_late = bucket_costs(p, ends, rel_std)
+    cost_o = np.broadcast_to(cost_late[:, None], (G, k))[:, :, None]
     cost_x = np.concatenate([cost_f, cost_o], axis=2).reshape(-1)
     ub_x = np.repeat(valid.reshape(-1).astype(float), nb)
     n_x = G * k * nb
@@ -299,7 +277,9 @@ def reset_highs_scheduler() -> bool:
     return True
 
 
-def solve_highspy(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | None, float]:
+def solve_highspy(
+    m: LpModel | CompactLp, time_limit_s: float
+) -> tuple[str, np.ndarray | None, float]:
     import highspy
 
     silence_highs_banner()
@@ -307,22 +287,35 @@ def solve_highspy(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | No
     h.setOptionValue("output_flag", False)
     h.setOptionValue("threads", 1)  # one core (DESIGN.md section 7); see reset_highs_scheduler
     h.setOptionValue("time_limit", max(1e-4, time_limit_s))
-    lp = highspy.HighsLp()
-    lp.num_col_ = m.cols
-    lp.num_row_ = m.rows
-    lp.col_cost_ = m.cost
-    lp.col_lower_ = np.zeros(m.cols)
-    lp.col_upper_ = m.col_ub
+    compact = isinstance(m, CompactLp)
+    if compact:
+        # Reduced before it came here (lp_compact.py): HiGHS' presolve found little more in it
+        # and cost as much time as it saved. Primal simplex from the model's feasible start.
+        h.setOptionValue("presolve", "off")
+        h.setOptionValue("simplex_strategy", 4)
+    fmt = highspy.MatrixFormat.kColwise if compact else highspy.MatrixFormat.kRowwise
     inf = highspy.kHighsInf
-    lp.row_lower_ = np.where(np.isinf(m.row_lo), -inf, m.row_lo)
-    lp.row_upper_ = np.where(np.isinf(m.row_hi), inf, m.row_hi)
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kRowwise
-    lp.a_matrix_.start_ = m.starts
-    lp.a_matrix_.index_ = m.index
-    lp.a_matrix_.value_ = m.value
-    lp.a_matrix_.num_col_ = m.cols
-    lp.a_matrix_.num_row_ = m.rows
-    h.passModel(lp)
+    # The array form of passModel: filling a HighsLp's fields copies element by element through
+    # Python (3 ms for the 10k queued x 256 instances LP). All columns continuous (integrality 0).
+    h.passModel(
+        m.cols,
+        m.rows,
+        len(m.value),
+        int(fmt),
+        int(highspy.ObjSense.kMinimize),
+        0.0,
+        m.cost,
+        np.zeros(m.cols),
+        m.col_ub,
+        np.where(np.isinf(m.row_lo), -inf, m.row_lo),
+        np.where(np.isinf(m.row_hi), inf, m.row_hi),
+        m.starts,
+        m.index,
+        m.value,
+        np.zeros(m.cols, dtype=np.int32),
+    )
+    if isinstance(m, CompactLp):
+        _set_start(h, m)
     h.run()
     st = h.getModelStatus()
     if st == highspy.HighsModelStatus.kNotset and reset_highs_scheduler():
@@ -330,10 +323,26 @@ def solve_highspy(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | No
         st = h.getModelStatus()
     if st == highspy.HighsModelStatus.kOptimal:
         x = np.asarray(h.getSolution().col_value)
-        return SOLVER_OK, x, float(h.getInfo().objective_function_value)
+        return SOLVER_OK, x, float(h.getObjectiveValue())
     if st == highspy.HighsModelStatus.kTimeLimit:
         return "time limit", None, math.nan
     return h.modelStatusToString(st), None, math.nan
+
+
+def _set_start(h: Any, m: CompactLp) -> None:
+    import highspy
+
+    bs = highspy.HighsBasisStatus
+    basis = highspy.HighsBasis()
+    cols = [bs.kLower] * m.cols
+    for j in m.start.tolist():
+        cols[j] = bs.kBasic
+    rows = [bs.kBasic] * m.rows
+    rows[: m.groups] = [bs.kLower] * m.groups
+    basis.col_status = cols
+    basis.row_status = rows
+    basis.valid = True
+    h.setBasis(basis)  # if HiGHS rejects it, it starts from its own basis: slower, same optimum
 
 
 def to_pulp(m: LpModel) -> tuple[Any, list[Any]]:
@@ -381,7 +390,15 @@ def solve_pulp(m: LpModel, time_limit_s: float) -> tuple[str, np.ndarray | None,
 
 
 def round_solution(p: Problem, m: LpModel, x: np.ndarray, buckets: int) -> Assignment:
-    """Requests per (group, instance) from the fractional shares (largest remainder).
+    """Requests per (group, instance) from a solution of the full LP (round_shares)."""
+    G, k = p.cand.shape
+    xs = x[: m.n_x].reshape(G, k, buckets + 1)
+    return round_shares(p, xs[:, :, :buckets].sum(axis=2), xs[:, :, buckets].sum(axis=1))
+
+
+def round_shares(p: Problem, fin: np.ndarray, over: np.ndarray) -> Assignment:
+    """Requests per (group, instance) from the on-time share of each (group, candidate), (G, k),
+    and the late share of each group, (G,) (largest remainder).
 
     The late (overflow) share has no capacity row, so the LP leaves where it runs open: it is
     placed here, in deadline order, on the candidate whose queue (base load plus the on-time work
@@ -390,10 +407,6 @@ def round_solution(p: Problem, m: LpModel, x: np.ndarray, buckets: int) -> Assig
     same instance (candidate 0 of each, ranked by base load alone), which qlm-eval wa/wc showed
     as LP plans meeting fewer deadlines than the heuristic's."""
     G, k = p.cand.shape
-    nb = buckets + 1
-    xs = x[: m.n_x].reshape(G, k, nb)
-    fin = xs[:, :, :buckets].sum(axis=2)
-    over = xs[:, :, buckets].sum(axis=1)
     share = fin.copy()
     share[p.cand < 0] = 0.0
     load = p.base_s.copy()
@@ -401,32 +414,39 @@ def round_solution(p: Problem, m: LpModel, x: np.ndarray, buckets: int) -> Assig
     gi, ci = np.nonzero(valid)
     np.add.at(load, p.cand[gi, ci], share[gi, ci] * p.work_s[gi, ci])
     late = np.nonzero(over > 1e-9)[0]
-    for g in late[np.argsort(p.slack_s[late], kind="stable")].tolist():
-        best_c, best_t = 0, math.inf
-        for c in range(k):
-            i = int(p.cand[g, c])
-            if i < 0:
-                break
-            t = load[i] + over[g] * p.work_s[g, c]
-            if t < best_t:
-                best_c, best_t = c, t
-        share[g, best_c] += over[g]
-        load[int(p.cand[g, best_c])] = best_t
-    out: Assignment = []
-    for g in range(G):
-        n = int(p.n[g])
-        q = share[g] * n
-        base = np.floor(q + 1e-9).astype(int)
-        rest = n - int(base.sum())
-        if rest > 0:
-            frac = q - base
-            frac[p.cand[g] < 0] = -1.0
-            for c in np.argsort(-frac)[:rest]:
-                base[c] += 1
-        for c in range(k):
-            if base[c] > 0 and p.cand[g, c] >= 0:
-                out.append((g, int(p.cand[g, c]), int(base[c])))
-    return out
+    if len(late):
+        # Python floats in the loop: the same float64 arithmetic as numpy's, without its
+        # per-element cost.
+        cand, work, lo = p.cand.ravel().tolist(), p.work_s.ravel().tolist(), load.tolist()
+        for g in late[np.argsort(p.slack_s[late], kind="stable")].tolist():
+            o_g = float(over[g])
+            best_c, best_t = 0, math.inf
+            for c in range(k):
+                i = cand[g * k + c]
+                if i < 0:
+                    break
+                t = lo[i] + o_g * work[g * k + c]
+                if t < best_t:
+                    best_c, best_t = c, t
+            share[g, best_c] += o_g
+            lo[cand[g * k + best_c]] = best_t
+    # Largest remainder, all groups at once: floor each candidate's share of the group's
+    # requests, then one more to the candidates with the largest fractions (invalid ones last).
+    n = p.n.astype(np.int64)
+    q = share * n[:, None]
+    base = np.floor(q + 1e-9).astype(np.int64)
+    rest = n - base.sum(axis=1)
+    short = np.nonzero(rest > 0)[0]
+    if len(short):
+        frac = q[short] - base[short]
+        frac[p.cand[short] < 0] = -1.0
+        rank = np.argsort(-frac, axis=1)
+        plus = (np.arange(k)[None, :] < rest[short][:, None]).astype(np.int64)
+        extra = np.zeros_like(plus)
+        np.put_along_axis(extra, rank, plus, axis=1)
+        base[short] += extra
+    og, oc = np.nonzero((base > 0) & valid)
+    return list(zip(og.tolist(), p.cand[og, oc].tolist(), base[og, oc].tolist(), strict=True))
 
 
 def solve_lp(
@@ -440,22 +460,20 @@ def solve_lp(
     timer: Callable[[], float],
 ) -> LpResult:
     t0 = timer()
+    formulation = "pulp" if use_pulp else "highspy"
     ends = bucket_ends(p, buckets)
-    m = build_matrix(p, ends, swap_penalty, rel_std)
+    # PuLP gets the full LP (readable, exportable); HiGHS' matrix API the reduced one.
+    m: LpModel | CompactLp = (
+        build_matrix(p, ends, swap_penalty, rel_std)
+        if use_pulp
+        else build_compact(p, ends, swap_penalty, rel_std)
+    )
     t1 = timer()
     build_s = t1 - t0
     left = budget_s - build_s
     if left <= 0:
-        return LpResult(
-            "budget spent in build",
-            [],
-            m.cols,
-            m.rows,
-            build_s,
-            0.0,
-            "pulp" if use_pulp else "highspy",
-        )
-    if use_pulp:
+        return LpResult("budget spent in build", [], m.cols, m.rows, build_s, 0.0, formulation)
+    if isinstance(m, LpModel):
         status, x, obj = solve_pulp(m, left)
     else:
         status, x, obj = solve_highspy(m, left)
@@ -463,20 +481,12 @@ def solve_lp(
     if status == SOLVER_OK and build_s + solve_s > budget_s:
         status = "over budget"
     if status != SOLVER_OK or x is None:
-        return LpResult(
-            status, [], m.cols, m.rows, build_s, solve_s, "pulp" if use_pulp else "highspy"
-        )
-    assignment = round_solution(p, m, x, len(ends))
-    return LpResult(
-        SOLVER_OK,
-        assignment,
-        m.cols,
-        m.rows,
-        build_s,
-        solve_s,
-        "pulp" if use_pulp else "highspy",
-        obj,
-    )
+        return LpResult(status, [], m.cols, m.rows, build_s, solve_s, formulation)
+    if isinstance(m, LpModel):
+        assignment = round_solution(p, m, x, len(ends))
+    else:
+        assignment = round_shares(p, *m.shares(x, p.cand.shape[1]))
+    return LpResult(SOLVER_OK, assignment, m.cols, m.rows, build_s, solve_s, formulation, obj)
 
 
 __all__ = [
@@ -487,6 +497,7 @@ __all__ = [
     "estimate_size",
     "predict_lp_s",
     "reset_highs_scheduler",
+    "round_shares",
     "round_solution",
     "silence_highs_banner",
     "solve_highspy",

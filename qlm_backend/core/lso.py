@@ -2,7 +2,11 @@
 
 - Pulling (late binding): an instance takes requests from the head of its virtual queue only while
   its in-flight count is under its bound (bounded policies) and only of the model it runs; the rest
-  stays in the router where the planner can still move it.
+  stays in the router where the planner can still move it. A policy with traits.pull_bound "work"
+  also bounds what the engine holds by the work it brings (`EngineLoad`): prompt tokens not yet
+  prefilled (a request pulled later waits behind them: vLLM schedules running prefills before
+  waiting requests, whatever their priority) and KV tokens (past the cache the engine preempts and
+  recomputes, and requests wait inside it where no plan can reorder them).
 - Model swapping: when the head of a queue needs another model, the instance stops pulling, drains,
   and only then gets a SwapModel (so it never holds two models' requests at once). Whether a swap is
   worth it (hysteresis) is the policy's call when it orders the queue.
@@ -28,6 +32,7 @@ from qlm_backend.core.actions import (
     ResumeMode,
     SwapModel,
 )
+from qlm_backend.core.instances import InstanceState
 from qlm_backend.core.policies.base import Plan, PlanContext, PolicyTraits, QueueEntry
 from qlm_backend.core.request import RequestState, Status
 
@@ -52,6 +57,89 @@ def choose_resume(st: RequestState, iid: str, ctx: PlanContext, now: float) -> R
     swap_s = 2.0 * perf.kv_swap_s(tokens)
     recompute_s = perf.prefill_s(tokens)
     return "swap" if swap_s < recompute_s else "recompute"
+
+
+class EngineLoad:
+    """What an instance's engine holds, in work: unprefilled prompt seconds and KV tokens, with the
+    caps `fits` checks a pull against. Built once per instance and plan, updated per pull."""
+
+    def __init__(
+        self, inst: InstanceState, ctx: PlanContext, now: float, by_priority: bool = True
+    ) -> None:
+        self.ctx = ctx
+        self.by_priority = by_priority
+        cfg = ctx.config
+        self.perf = ctx.estimator.perf(inst.model, inst.spec) if inst.model else None
+        slo = min((c.ttft_slo_s for c in ctx.classes.values()), default=20.0)
+        self.prefill_cap_s = cfg.pull_prefill_backlog_share * slo
+        self.kv_cap = (
+            cfg.pull_kv_overcommit * self.perf.kv_capacity_tokens if self.perf else math.inf
+        )
+        # Per class priority: under priority scheduling only work of the same or a higher class
+        # is ahead of a new request in the engine, so each priority level is checked against the
+        # work at or above it (a lower class's backlog never keeps an interactive request out).
+        self.prefill_by_prio: dict[int, float] = {}
+        self.kv_by_prio: dict[int, float] = {}
+        for rid in inst.in_flight:
+            st = ctx.requests.get(rid)
+            if st is None:
+                continue
+            pre, kv = self.cost(st)
+            if st.first_token_s is None:
+                pass
+            elif st.dispatched_s is not None and st.first_token_s < st.dispatched_s:
+                # Resumed: its re-prefill runs first; assume it takes its predicted time.
+                pre = max(0.0, pre - (now - st.dispatched_s))
+            else:
+                pre = 0.0
+            self._add(self._prio(st), pre, kv)
+
+    def _prio(self, st: RequestState) -> int:
+        # An FCFS engine serves in arrival order: all work in it is ahead of a new request.
+        return st.priority if self.by_priority else 0
+
+    def _add(self, prio: int, pre: float, kv: float) -> None:
+        self.prefill_by_prio[prio] = self.prefill_by_prio.get(prio, 0.0) + pre
+        self.kv_by_prio[prio] = self.kv_by_prio.get(prio, 0.0) + kv
+
+    def _ahead(self, by_prio: dict[int, float], prio: int) -> float:
+        return sum(v for p, v in by_prio.items() if p <= prio)
+
+    def cost(self, st: RequestState) -> tuple[float, float]:
+        """(prefill seconds, KV tokens at its expected end) the request brings to this engine."""
+        r = st.req
+        ctx_tokens = r.prompt_tokens + st.tokens_done
+        if self.perf is None:
+            return 0.0, 0.0
+        mean_out, _ = self.ctx.estimator.output_stats(r.model, r.slo_class)
+        out = r.max_tokens if r.output_fixed else min(r.max_tokens, mean_out)
+        return self.perf.prefill_s(ctx_tokens), ctx_tokens + max(0.0, out - st.tokens_done)
+
+    def fits(self, st: RequestState) -> bool:
+        """An empty engine always takes one request (else a huge one could never run)."""
+        pre, kv = self.cost(st)
+        backlog = self._ahead(self.prefill_by_prio, self._prio(st))
+        if backlog > 0 and backlog + pre > self.prefill_cap_s:
+            return False
+        # KV is shared whatever the priority: vLLM admits no waiting request, however urgent,
+        # into blocks a running one holds (only eviction frees them).
+        used = self.kv_used
+        return used <= 0 or used + kv <= self.kv_cap
+
+    @property
+    def kv_used(self) -> float:
+        return sum(self.kv_by_prio.values())
+
+    def remove(self, st: RequestState) -> None:
+        """Forget an in-flight request (an eviction candidate): its KV and prefill leave."""
+        pre, kv = self.cost(st)
+        p = self._prio(st)
+        self.kv_by_prio[p] = self.kv_by_prio.get(p, 0.0) - kv
+        if st.first_token_s is None:
+            self.prefill_by_prio[p] = self.prefill_by_prio.get(p, 0.0) - pre
+
+    def add(self, st: RequestState) -> None:
+        self._add(self._prio(st), *self.cost(st))
 
 
 def _entry_model(e: QueueEntry, requests: Mapping[str, RequestState]) -> str | None:
@@ -131,6 +219,12 @@ def execute_plan(
             continue
         bound = inst.spec.max_in_flight if traits.bounded_pull else math.inf
         room = bound - in_flight
+        load = None
+        if traits.pull_bound == "work":
+            load = EngineLoad(inst, ctx, now, traits.engine_scheduling == "priority")
+        # Lowest class priority value a work cap refused: later requests of that class or below
+        # wait (plan order within a class holds); a higher class may still pass (its own cap).
+        blocked = math.inf
         for e in entries:
             if room <= 0:
                 break
@@ -143,6 +237,11 @@ def execute_plan(
                 st = requests.get(rid)
                 if st is None or st.status is not Status.QUEUED or rid in taken:
                     continue
+                if load is not None:
+                    if st.priority >= blocked or not load.fits(st):
+                        blocked = min(blocked, st.priority)
+                        continue
+                    load.add(st)
                 ids.append(rid)
             if ids:
                 prio = ctx.classes[requests[ids[0]].req.slo_class].priority

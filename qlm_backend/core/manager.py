@@ -120,6 +120,9 @@ class QueueManager:
         self._dirty: str | None = "first plan"
         self._touched_groups: set[str] = set()
         self._resumed: set[str] = set()  # queued requests with tokens done (see PlanContext)
+        # Read-only observer of each plan step, called before its actions change any state (so
+        # that forecasts from the context see what the planner saw); the calibration measurement.
+        self.plan_observer: Callable[[Plan, PlanContext, list[Action], float], None] | None = None
 
     # ------------------------------------------------------------------ admission
     def make_request(
@@ -191,6 +194,8 @@ class QueueManager:
             now,
             previous=self._plan,
         )
+        if self.plan_observer is not None:
+            self.plan_observer(plan, ctx, actions, now)
         self._apply(actions, now)
         self._plan = plan
         if trigger is not None:

@@ -176,13 +176,16 @@ class GlobalPlanner:
         per_inst: dict[str, list[QueueEntry]] = {iid: list(v) for iid, v in (keep or {}).items()}
         offsets: dict[int, int] = {}
         changed: set[str] = set()
+        iids = p.instance_ids
         for g, i, cnt in assignment:
             grp = gl[g]
-            rids = grp.request_ids
+            rids = grp.ids
             a = offsets.get(g, 0)
             offsets[g] = a + cnt
-            iid = p.instance_ids[i]
-            per_inst.setdefault(iid, []).append(QueueEntry(grp.group_id, tuple(rids[a : a + cnt])))
+            iid = iids[i]
+            # A whole group shares the group's cached id tuple (tuples are immutable).
+            part = rids if a == 0 and cnt == len(rids) else rids[a : a + cnt]
+            per_inst.setdefault(iid, []).append(QueueEntry(grp.group_id, part))
             changed.add(iid)
         queues: dict[str, list[QueueEntry]] = {}
         forecasts: dict[str, list[GroupForecast]] = {}

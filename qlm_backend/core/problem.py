@@ -86,12 +86,17 @@ def build_problem(
     work = np.zeros((G, kk))
     swap = np.zeros((G, kk))
     pre = np.zeros((G, kk))
-    n = np.fromiter((len(g) for g in groups), dtype=float, count=G)
+    n = np.array([len(g) for g in groups], dtype=float)
     models = [g.model for g in groups]
     cls_names = [g.slo_class for g in groups]
-    weight_of = {c: ctx.classes[c].weight for c in set(cls_names)}
-    weight = np.fromiter((weight_of[c] for c in cls_names), dtype=float, count=G)
-    slack = np.fromiter((g.deadline_s for g in groups), dtype=float, count=G) - now
+    slack = np.array([g.deadline_s for g in groups], dtype=float) - now
+    # (model, class) pairs are few: weights and mean output tokens are looked up once per pair.
+    pair_of: dict[tuple[str, str], int] = {}
+    pair_idx = np.array(
+        [pair_of.setdefault(mc, len(pair_of)) for mc in zip(models, cls_names, strict=True)],
+        dtype=np.int64,
+    )
+    weight = np.array([ctx.classes[c].weight for _, c in pair_of], dtype=float)[pair_idx]
     if G == 0 or n_i == 0:
         return Problem(now, [], [], n, weight, slack, pre, iids, base, current, cand, work, swap)
     # Instance kinds: everything a profile depends on besides the model.
@@ -112,22 +117,17 @@ def build_problem(
     hosts = list(host_of)
     cur_arr = np.array(current, dtype=object)
     # Mean output tokens per group: one lookup per (model, class); the oracle sums true lengths.
-    mean_tokens: dict[tuple[str, str], float] = {}
-    tokens = np.empty(G)
-    for gi, g in enumerate(groups):
-        key = (models[gi], cls_names[gi])
-        m = mean_tokens.get(key)
-        if m is None:
-            m = mean_tokens[key] = est.output_stats(*key)[0]
-        if oracle:
+    mean_of = np.array([est.output_stats(m, c)[0] for m, c in pair_of])
+    tokens = mean_of[pair_idx] * n
+    if oracle:
+        for gi, g in enumerate(groups):
+            m = float(mean_of[pair_idx[gi]])
             tot = 0.0
             for rid in g.request_ids:
                 st = ctx.requests[rid]
                 t = st.req.true_output_tokens
                 tot += max(1, t - st.tokens_done) if t is not None else m
             tokens[gi] = tot
-        else:
-            tokens[gi] = m * n[gi]
     models_arr = np.array(models, dtype=object)
     for model in dict.fromkeys(models):
         nk = len(kind_spec)

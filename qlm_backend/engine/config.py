@@ -36,7 +36,11 @@ class EngineConfig:
     time_scale: float = 1.0
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
-    scheduling: Scheduling = "fcfs"
+    # vLLM's scheduling_policy. "priority" (vLLM's default is fcfs) because the router forwards the
+    # priority its policy wants the engine to use: the class priority for qlm / priority /
+    # flow-control, 0 for the others, which under priority scheduling is plain FCFS. So every
+    # router policy runs its engines as qlm-eval does.
+    scheduling: Scheduling = "priority"
     preemption: Preemption = "recompute"
     # How initialize() spends the model load: none (already up), warm (host memory), cold (disk).
     load_mode: LoadMode = "none"

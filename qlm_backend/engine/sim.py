@@ -11,6 +11,11 @@ allow, prefills them, and decodes one token for every running sequence. When a r
 needs a KV block and none is free, the most recently admitted (or, under priority scheduling, the
 lowest-priority) sequence is preempted: recompute drops its KV and re-prefills prompt + generated
 tokens later; swap copies its KV to host memory over PCIe and back. Times come from PerfModel.
+
+Prefix caching is on, as in vLLM v1 (engine/prefix_cache.py): the blocks of a finished, aborted or
+preempted request stay reusable until the allocator overwrites them, so a request that comes back
+(re-admitted after preemption, or added again under the same `prefix_key` after an abort: an
+evicted request resumed with prompt + text so far) recomputes only what was lost.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Literal
 
 from qlm_backend.engine.hardware import KV_BLOCK_TOKENS
 from qlm_backend.engine.perf import PerfModel
+from qlm_backend.engine.prefix_cache import PrefixCache, hit_tokens
 
 Scheduling = Literal["fcfs", "priority"]
 Preemption = Literal["recompute", "swap"]
@@ -37,6 +43,13 @@ class EngineRequest:
     output_tokens: int
     priority: int = 0  # lower is served first, as in vLLM
     arrival_s: float = 0.0
+    # Identity of its token content for the prefix cache (None: the request id). A request resumed
+    # with the same prompt + text so far passes the key it had before.
+    prefix_key: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        return self.prefix_key if self.prefix_key is not None else self.request_id
 
 
 @dataclass(frozen=True)
@@ -80,6 +93,7 @@ class EngineStats:
     swaps_out: int = 0
     aborted: int = 0
     finished: int = 0
+    prefix_hit_tokens: int = 0  # prompt tokens not recomputed thanks to the prefix cache
 
 
 @dataclass
@@ -95,6 +109,7 @@ class SimEngine:
     max_num_batched_tokens: int = 8192
     scheduling: Scheduling = "fcfs"
     preemption: Preemption = "recompute"
+    prefix_caching: bool = True  # vLLM v1's default
     stats: EngineStats = field(default_factory=EngineStats)
 
     def __post_init__(self) -> None:
@@ -109,7 +124,8 @@ class SimEngine:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         self.total_blocks = self.perf.kv_capacity_blocks
-        self.free_blocks = self.total_blocks
+        self.free_blocks = self.total_blocks  # not held by a sequence (cached ones included)
+        self.cache = PrefixCache()
         self._waiting: list[_Seq] = []
         self._running: list[_Seq] = []
         self._current: _Iteration | None = None
@@ -205,7 +221,18 @@ class SimEngine:
     def _release(self, s: _Seq) -> None:
         if not s.swapped:
             self.free_blocks += s.blocks
+            if self.prefix_caching:
+                full = min(s.blocks, s.computed // KV_BLOCK_TOKENS)
+                self.cache.put(s.req.cache_key, full)
         s.blocks = 0
+
+    def _allocate(self, blocks: int) -> None:
+        self.free_blocks -= blocks
+        self.cache.trim_to(self.free_blocks)  # the allocator overwrote the oldest cached blocks
+
+    def cached_tokens(self, key: str) -> int:
+        """Tokens of `key` still in the prefix cache (what a resumed request would skip)."""
+        return self.cache.peek(key) * KV_BLOCK_TOKENS
 
     def _queue_key(self, s: _Seq) -> tuple[int, int]:
         if self.scheduling == "priority":
@@ -246,7 +273,7 @@ class SimEngine:
                     break
             if s in preempted:
                 continue
-            self.free_blocks -= max(0, need)
+            self._allocate(max(0, need))
             s.blocks += max(0, need)
             sched[s] = new
             budget -= new
@@ -258,12 +285,19 @@ class SimEngine:
                     break
                 if s.ready_s > now:  # still on its way to the scheduler
                     continue
-                new = min(s.context_tokens - s.computed, budget)
-                need = self._blocks_for(s.computed + new)
+                hit = 0
+                if self.prefix_caching and not s.swapped and s.computed == 0:
+                    hit = hit_tokens(self.cache.peek(s.req.cache_key), s.context_tokens)
+                new = min(s.context_tokens - hit - s.computed, budget)
+                need = self._blocks_for(s.computed + hit + new)
                 if need > self.free_blocks:
                     break
+                if hit:
+                    self.cache.take(s.req.cache_key)
+                    s.computed = hit
+                    self.stats.prefix_hit_tokens += hit
                 admitted.add(s)
-                self.free_blocks -= need
+                self._allocate(need)
                 s.blocks = need
                 if s.swapped:
                     swap_s += self.perf.kv_swap_s(s.computed)
@@ -308,7 +342,9 @@ class SimEngine:
             self.stats.swaps_out += 1
         else:
             self._release(victim)
-            victim.computed = 0  # recompute: prompt + generated tokens are prefilled again
+            # Recompute: prompt + generated tokens are prefilled again, less what the prefix
+            # cache still holds when it is re-admitted.
+            victim.computed = 0
         self._waiting.append(victim)
         return cost
 

@@ -4,6 +4,9 @@ planner time. Plain dicts so they go straight into results.json.
 Definitions (so that numbers are comparable across policies):
 - SLO attainment: share of ALL requests of the window whose first token came by its deadline
   (arrival + class TTFT SLO); rejected, refused and unfinished requests count as misses.
+- Class-weighted attainment (the objective every policy is judged by): the same, each request
+  counted with its class's weight (the scenario's `weight`, e.g. interactive 10, batch 2 and 1):
+  sum of weights of requests that met their SLO / sum of weights of all requests.
 - Throughput: finished requests (and their output tokens) per second of makespan, from the first
   arrival to the last completion; every policy serves the same window to the end (drain), so a
   policy that wastes GPU time (thrashing swaps, recompute) takes longer and scores lower.
@@ -15,6 +18,7 @@ Definitions (so that numbers are comparable across policies):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,7 +34,22 @@ def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None else round(float(x), nd)
 
 
-def summarize(res: SimResult, class_order: list[str]) -> dict[str, Any]:
+def weighted(
+    per_class: Mapping[str, Mapping[str, Any]], weights: Mapping[str, float]
+) -> float | None:
+    """Class-weighted attainment from per-class attainment and request counts."""
+    num = den = 0.0
+    for c, pc in per_class.items():
+        n, a = pc.get("requests") or 0, pc.get("slo_attainment")
+        w = weights.get(c, 1.0)
+        den += w * n
+        num += w * n * (a or 0.0)
+    return num / den if den > 0 else None
+
+
+def summarize(
+    res: SimResult, class_order: list[str], weights: Mapping[str, float] | None = None
+) -> dict[str, Any]:
     recs = res.records
     n = len(recs)
     makespan = max(1e-9, res.end_s - res.start_s)
@@ -72,6 +91,12 @@ def summarize(res: SimResult, class_order: list[str]) -> dict[str, Any]:
         "kv_swaps_out": cnt.get("kv_swap_out", 0),
         "kv_swaps_in": cnt.get("kv_swap_in", 0),
         "resumes_recompute": cnt.get("resume_recompute", 0),
+        # Share of resumed requests' context still in the engine's prefix cache when pulled again.
+        "resume_cache_hit_share": _r(
+            cnt.get("resume_cached_tokens", 0) / cnt["resume_tokens"]
+            if cnt.get("resume_tokens")
+            else None
+        ),
         "model_swaps_warm": cnt.get("model_swaps_warm", 0),
         "model_swaps_cold": cnt.get("model_swaps_cold", 0),
         "rebalances": cnt.get("rebalances", 0),
@@ -99,6 +124,7 @@ def summarize(res: SimResult, class_order: list[str]) -> dict[str, Any]:
         "policy": res.policy,
         "requests": n,
         "slo_attainment": _r(met_all / n if n else None),
+        "weighted_attainment": _r(weighted(per_class, weights or {})),
         "throughput_rps": _r(finished / makespan),
         "output_tokens_per_s": _r(out_tokens / makespan, 1),
         "goodput_rps": _r(met_all / makespan),
@@ -120,4 +146,4 @@ def summarize(res: SimResult, class_order: list[str]) -> dict[str, Any]:
     }
 
 
-__all__ = ["summarize"]
+__all__ = ["summarize", "weighted"]

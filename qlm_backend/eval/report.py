@@ -1,7 +1,8 @@
 """The terminal table and results.json.
 
 One row per policy (and per ablation), the figures of metrics.py; the ratio lines come last:
-qlm/fcfs, qlm/edf and qlm/oracle for SLO attainment and throughput.
+qlm/fcfs and qlm/edf for SLO attainment and throughput. (qlm-true-lengths is no base: it is QLM
+with the true output lengths, not an upper bound.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-RATIO_BASES = ("fcfs", "edf", "oracle")
+RATIO_BASES = ("fcfs", "edf")
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -31,7 +32,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 def table(run: Mapping[str, Any], class_order: Sequence[str]) -> str:
     """The summary of one (scenario, load) run as fixed-width text."""
     pols: Mapping[str, Mapping[str, Any]] = run["policies"]
-    head = ["policy", "attain"] + [f"{c[:11]}" for c in class_order]
+    head = ["policy", "weighted", "attain"] + [f"{c[:11]}" for c in class_order]
     head += ["req/s", "tok/s", "busy", "evict", "kvswp", "swp w/c"]
     head += [f"p50 {c[:11]}" for c in class_order] + [f"p99 {c[:11]}" for c in class_order]
     head += ["plan p50/p99 ms", "fallbk"]
@@ -39,7 +40,7 @@ def table(run: Mapping[str, Any], class_order: Sequence[str]) -> str:
     for name, p in pols.items():
         pc = p["per_class"]
         lso = p["lso"]
-        row = [name, _fmt(p["slo_attainment"], ".3f")]
+        row = [name, _fmt(p.get("weighted_attainment"), ".3f"), _fmt(p["slo_attainment"], ".3f")]
         row += [_fmt(pc.get(c, {}).get("slo_attainment"), ".3f") for c in class_order]
         row += [
             _fmt(p["throughput_rps"], ".2f"),
@@ -70,6 +71,17 @@ def table(run: Mapping[str, Any], class_order: Sequence[str]) -> str:
         )
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    b = run.get("bound")
+    if b is not None:
+        pcb = b["per_class"]
+        lines.append(
+            f"upper bound (eval/bound.py, {b['method']} {b['status']}, {b['solve_s']:.2f} s): "
+            f"attain {_fmt(b['slo_attainment'], '.3f')}  "
+            f"weighted {_fmt(b['weighted_attainment'], '.3f')}  "
+            + "  ".join(
+                f"{c} {_fmt(pcb.get(c, {}).get('slo_attainment'), '.3f')}" for c in class_order
+            )
+        )
     lines.append(ratio_line(run))
     return "\n".join(lines)
 
@@ -92,7 +104,9 @@ def ratios(run: Mapping[str, Any]) -> dict[str, dict[str, str]]:
 def ratio_line(run: Mapping[str, Any]) -> str:
     rs = ratios(run)
     if not rs:
-        return "ratios: qlm not in this run"
+        if "qlm" not in run["policies"]:
+            return "ratios: qlm not in this run"
+        return f"ratios: no base ({', '.join(RATIO_BASES)}) in this run"
     parts = [f"{k}: attain {v['slo_attainment']} thr {v['throughput']}" for k, v in rs.items()]
     return "ratios  " + "  |  ".join(parts)
 

@@ -1,6 +1,6 @@
 """Scenarios: a fleet, its models and SLO classes, and how trace requests become workload requests.
 
-A scenario is one JSON file (the shipped ones are `scenarios/wa.json`, `wb.json`, `wc.json`)::
+A scenario is one JSON file (the shipped ones are `scenarios/wa.json` ... `wd2.json`)::
 
     {
       "name": "wa",
@@ -12,7 +12,9 @@ A scenario is one JSON file (the shipped ones are `scenarios/wa.json`, `wb.json`
       "class_run_mean": 1.0,               # optional: mean run length of one class (1 = i.i.d.)
       "max_tokens": 1024,                  # max_tokens the clients send (true output <= it)
       "mega_prompts": {"share": 0.05, "min_tokens": 6000, "max_tokens": 7600},   # optional
-      "trace_window": {"max_requests": 2000, "duration_s": null}                 # optional
+      "trace_window": {"max_requests": 2000, "duration_s": null},                # optional
+      "max_model_len": {"llama-3-8b": 32768},   # optional: the context a model is served with
+      "trace": "../../data/traces/generated_wd.csv"   # optional: default trace, relative to the file
     }
 
 Every request of the trace gets a model and a class from a generator seeded with `--seed`, so all
@@ -20,14 +22,20 @@ policies see the identical workload; rows of a generic CSV trace that name a mod
 `class_run_mean` > 1 draws classes as runs (a batch job submits a block of requests at once; with
 the trace's own burstiness this is the head-of-line blocking of the paper). Prompt and output are
 clipped to the model's context window (output to at most half of it) and output to `max_tokens`.
+
+`max_model_len` is the context the deployment serves a model with (vLLM's `max_model_len`) where it
+is not the model table's (engine/hardware.py): the table holds one context per architecture, while
+the same shapes ship with longer windows (Llama-3.1-8B is Llama-3-8B's shape with 128k positions).
+`trace` names the trace the scenario was made for (a generated one, say); `--trace` overrides it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,7 @@ from qlm_backend.engine import hardware as hw
 from qlm_backend.eval.traces import Trace
 
 SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
-SHIPPED = ("wa", "wb", "wc")
+SHIPPED = ("wa", "wb", "wc", "wd", "wd2")
 
 _TOP_KEYS = {
     "name",
@@ -49,6 +57,8 @@ _TOP_KEYS = {
     "max_tokens",
     "mega_prompts",
     "trace_window",
+    "max_model_len",
+    "trace",
 }
 _MEGA_KEYS = {"share", "min_tokens", "max_tokens"}
 _WINDOW_KEYS = {"max_requests", "duration_s"}
@@ -76,6 +86,12 @@ class Scenario:
     window_max_requests: int | None
     window_duration_s: float | None
     source: str
+    max_model_len: Mapping[str, int] = field(default_factory=dict)
+    trace_path: Path | None = None  # the scenario's own trace, if it names one
+    content_sha256: str = ""  # of the scenario's JSON content, canonical (key order, spacing)
+
+    def context_tokens(self, model: str) -> int:
+        return self.max_model_len.get(model) or hw.get_model(model).max_context_tokens
 
 
 @dataclass(frozen=True)
@@ -113,8 +129,11 @@ def _shares(src: str, key: str, d: Any, known: set[str], what: str) -> dict[str,
     return out
 
 
-def parse_scenario(data: Mapping[str, Any], source: str = "<dict>") -> Scenario:
-    """Validate a scenario dict; every error names the offending key."""
+def parse_scenario(
+    data: Mapping[str, Any], source: str = "<dict>", base_dir: Path | None = None
+) -> Scenario:
+    """Validate a scenario dict; every error names the offending key. A relative `trace` is
+    resolved against `base_dir` (the scenario file's folder; the working directory if None)."""
     if not isinstance(data, Mapping):
         raise ScenarioError(f"scenario {source}: expected a JSON object")
     unknown = sorted(set(data) - _TOP_KEYS)
@@ -180,6 +199,25 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<dict>") -> Scenario:
         isinstance(wdur, bool) or not isinstance(wdur, int | float) or wdur <= 0
     ):
         raise _fail(source, "trace_window.duration_s", f"expected a number > 0, got {wdur!r}")
+    mml_raw = data.get("max_model_len", {}) or {}
+    if not isinstance(mml_raw, Mapping):
+        raise _fail(source, "max_model_len", "expected an object model -> context tokens")
+    max_model_len: dict[str, int] = {}
+    for m, v in mml_raw.items():
+        if m not in served:
+            raise _fail(source, f"max_model_len.{m}", "not a model served by the fleet")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+            raise _fail(source, f"max_model_len.{m}", f"expected an integer >= 2, got {v!r}")
+        max_model_len[str(m)] = v
+    trace_path = None
+    if data.get("trace") is not None:
+        t = data["trace"]
+        if not isinstance(t, str) or not t.strip():
+            raise _fail(source, "trace", f"expected a file path, got {t!r}")
+        trace_path = Path(t) if Path(t).is_absolute() else (base_dir or Path.cwd()) / t
+        if not trace_path.is_file():
+            raise _fail(source, "trace", f"no such file: {trace_path}")
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return Scenario(
         name=str(data["name"]),
         description=str(data.get("description", "")),
@@ -194,11 +232,14 @@ def parse_scenario(data: Mapping[str, Any], source: str = "<dict>") -> Scenario:
         window_max_requests=wmax,
         window_duration_s=float(wdur) if wdur is not None else None,
         source=source,
+        max_model_len=max_model_len,
+        trace_path=trace_path.resolve() if trace_path is not None else None,
+        content_sha256=hashlib.sha256(canonical.encode()).hexdigest(),
     )
 
 
 def load_scenario(name_or_path: str) -> Scenario:
-    """A shipped scenario by name (wa, wb, wc) or a JSON file path."""
+    """A shipped scenario by name (see SHIPPED) or a JSON file path."""
     p = SCENARIOS_DIR / f"{name_or_path}.json" if name_or_path in SHIPPED else Path(name_or_path)
     if not p.is_file():
         raise ScenarioError(
@@ -209,7 +250,7 @@ def load_scenario(name_or_path: str) -> Scenario:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ScenarioError(f"scenario {p}: invalid JSON: {e}") from None
-    return parse_scenario(data, str(p))
+    return parse_scenario(data, str(p), p.resolve().parent)
 
 
 def _pick(rng: random.Random, shares: Mapping[str, float]) -> str:
@@ -241,7 +282,7 @@ def build_workload(sc: Scenario, trace: Trace, seed: int) -> list[WorkloadReques
         prompt, is_mega = r.input_tokens, False
         if sc.mega is not None and rng.random() < sc.mega.share:
             prompt, is_mega = rng.randint(sc.mega.min_tokens, sc.mega.max_tokens), True
-        ctx = hw.get_model(model).max_context_tokens
+        ctx = sc.context_tokens(model)
         output = max(1, min(r.output_tokens, sc.max_tokens, ctx // 2))
         prompt = max(1, min(prompt, ctx - output))
         max_tokens = max(output, min(sc.max_tokens, ctx - prompt))

@@ -4,10 +4,14 @@ The SAME code as the Triton deployment: the core's QueueManager plans (its `plan
 virtual time), one simulated engine (engine/sim.py, via ResumableEngine) per instance runs every
 batch, and the LSO actions are executed as the router executes them:
 
-- Pull: the requests enter the instance's engine (a resumed request re-prefills prompt + tokens
-  already produced, or, if its KV cache was swapped out on this very instance, copies it back);
-- Evict: abort in the engine, then `on_evicted` with the tokens produced so far (resume="swap"
-  also charges the KV copy to host memory, PerfModel.kv_swap_s);
+- Pull: the requests enter the instance's engine (a resumed request comes back as prompt + tokens
+  already produced under its old prefix-cache key, so it recomputes only what the engine's prefix
+  cache lost meanwhile; with `kv_swap`, if its KV cache was swapped out on this very instance, it
+  is copied back instead);
+- Evict: abort in the engine, then `on_evicted` with the tokens produced so far. By default as the
+  deployed router does it with vLLM v1 (resume by recompute; the core is told so through
+  ManagerConfig.kv_swap_resume); `kv_swap` models a host swap tier (resume="swap" charges the KV
+  copy to host memory, PerfModel.kv_swap_s);
 - SwapModel: the instance serves nothing for PerfModel.load_s(warm) (warm only if the model is in
   the host's warm set, which KeepWarm/Release maintain), then `on_model_loaded`;
 - KeepWarm / Release / Rebalance: bookkeeping and counts.
@@ -42,6 +46,7 @@ from qlm_backend.core.fleet import FleetConfig, InstanceSpec
 from qlm_backend.core.manager import QueueManager
 from qlm_backend.engine.perf import PerfModel
 from qlm_backend.engine.sim import EngineRequest
+from qlm_backend.eval.perturb import engine_perf
 from qlm_backend.eval.resumable import ResumableEngine
 from qlm_backend.eval.scenario import WorkloadRequest
 
@@ -61,9 +66,13 @@ class SimSettings:
     engine_max_num_seqs: int = 256  # vLLM defaults
     engine_max_num_batched_tokens: int = 8192
     engine_preemption: Literal["recompute", "swap"] = "recompute"  # vLLM v1 recomputes
-    # Ablation: the engine has no host swap space, every eviction resumes by recompute.
-    kv_swap: bool = True
+    # An engine with a host KV swap tier (vLLM v0's swap space). Off as in vLLM v1 and the deployed
+    # router: every eviction resumes by recompute, helped by the prefix cache.
+    kv_swap: bool = False
     horizon_s: float = math.inf  # virtual time at which open requests end as "unfinished"
+    # The engines' iterations take this times what the core's profiles say (eval/perturb.py): a
+    # world the estimator is not calibrated for. 1: the engines are exactly PerfModel.
+    step_time_scale: float = 1.0
     # The planner's clock for its measured compute time (tests give a slow one).
     timer: Callable[[], float] = time.perf_counter
 
@@ -79,6 +88,10 @@ class RequestRecord:
     instance: str | None = None
     evictions: int = 0
     kv_at: str | None = None  # instance whose host memory holds its swapped-out KV
+    # Timeline of the first token: the pull that led to it, and when the engine first scheduled it
+    # (TTFT = router wait + engine queue + prefill; docs/scheduling.md reads them).
+    pulled_s: float | None = None
+    scheduled_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,9 @@ class Simulation:
         # Keep every decision record: planner time percentiles and fallbacks come from them.
         # The planner's budget counts predicted work, not wall seconds: the same run decides the
         # same on a busy machine (its wall time is still measured and reported).
-        cfg = cfg.with_(decisions_kept=10_000_000, plan_budget_clock="work")
+        cfg = cfg.with_(
+            decisions_kept=10_000_000, plan_budget_clock="work", kv_swap_resume=settings.kv_swap
+        )
         self.qm = QueueManager(
             fleet,
             policy=settings.policy,
@@ -173,7 +188,7 @@ class Simulation:
     def _engine(self, spec: InstanceSpec, model: str) -> ResumableEngine:
         s = self.settings
         return ResumableEngine(
-            PerfModel.from_names(model, spec.gpu, spec.tp),
+            engine_perf(PerfModel.from_names(model, spec.gpu, spec.tp), s.step_time_scale),
             max_num_seqs=s.engine_max_num_seqs,
             max_num_batched_tokens=s.engine_max_num_batched_tokens,
             scheduling=self.scheduling,
@@ -313,6 +328,7 @@ class Simulation:
                 rec.tokens += 1
                 if rec.first_token_s is None:
                     rec.first_token_s = ev.time_s
+                    rec.scheduled_s = ev.scheduled_s
                     qm.on_first_token(ev.request_id, ev.time_s)
                     progressed = True
                 if ev.finished:
@@ -392,9 +408,13 @@ class Simulation:
                         a.priority,
                         w.arrival_s,
                     )
-                    eng.add(er, now)
                     if done:
                         self._count("resume_recompute")
+                        # What the prefix cache still holds of it as it goes back in (the hit
+                        # realised at admission may be smaller if it waits in the engine).
+                        self._count("resume_tokens", w.prompt_tokens + done)
+                        self._count("resume_cached_tokens", eng.cached_tokens(rid))
+                    eng.add(er, now)
             except ValueError:
                 # The engine cannot hold it (prompt over its KV cache): it can never run there.
                 self._count("refused")
@@ -403,6 +423,8 @@ class Simulation:
                 continue
             rec.kv_at = None
             rec.instance = a.instance_id
+            if rec.first_token_s is None:
+                rec.pulled_s = now
             self._count("pulls")
         if failed:
             self._count("pull_to_wrong_model", len(failed))

@@ -1,7 +1,8 @@
 """Router configuration: `router.json` next to the router's model.py, and config.pbtxt parameters.
 
 Keys (all optional but the policy has a default too):
-  policy               any registered core policy (qlm, fcfs, edf, priority, shepherd, oracle)
+  policy               any registered core policy (qlm, fcfs, edf, priority, shepherd,
+                       flow-control, qlm-true-lengths)
   fleet                fleet file, relative to the model repository root (default fleet.json);
                        $QLM_FLEET (set by `qlm-serve --fleet`) overrides it. The fleet file may
                        carry `engine_backends: {instance_id: backend}` beside its instances.

@@ -265,13 +265,10 @@ class RouterModel:
 
     # --- dispatch -----------------------------------------------------------------------------
     def _engine_priority(self, st: _Req, pull: Pull) -> int:
-        """The priority the engine sees. A policy that schedules in the engine by priority sets it
-        on the Pull; every other router-held policy (qlm, edf, shepherd) still passes the class
-        priority, so vLLM's priority scheduling orders what is in flight the same way. fcfs is vLLM
-        alone: the engine sees no priority."""
-        if self.cfg.policy == "fcfs":
-            return pull.priority
-        return max(pull.priority, self.qm.classes[st.rr.slo_class].priority)
+        """The priority the engine sees: the Pull's, which the core sets to the class priority for
+        a policy that schedules in the engine by priority (traits.engine_scheduling: qlm,
+        priority, flow-control) and to 0 for the others, exactly as qlm-eval's engines see it."""
+        return pull.priority
 
     def _engine_fields(self, st: _Req, priority: int) -> dict[str, Any]:
         p = st.rr.params

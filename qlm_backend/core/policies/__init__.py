@@ -15,7 +15,8 @@ _FACTORIES: dict[str, str] = {
     "edf": "qlm_backend.core.policies.edf:EdfPolicy",
     "priority": "qlm_backend.core.policies.priority:PriorityPolicy",
     "shepherd": "qlm_backend.core.policies.shepherd:ShepherdPolicy",
-    "oracle": "qlm_backend.core.policies.oracle:OraclePolicy",
+    "flow-control": "qlm_backend.core.policies.flow_control:FlowControlPolicy",
+    "qlm-true-lengths": "qlm_backend.core.policies.qlm_true_lengths:QlmTrueLengthsPolicy",
 }
 assert set(_FACTORIES) == set(get_args(PolicyName))
 

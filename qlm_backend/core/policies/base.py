@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from qlm_backend.core.request import Request, RequestState
     from qlm_backend.core.slo import SloClass
 
-PolicyName = Literal["qlm", "fcfs", "edf", "priority", "shepherd", "oracle"]
+PolicyName = Literal[
+    "qlm", "fcfs", "edf", "priority", "shepherd", "flow-control", "qlm-true-lengths"
+]
 EngineScheduling = Literal["fcfs", "priority"]
 
 
@@ -37,7 +39,10 @@ class PolicyTraits:
     engine_scheduling: EngineScheduling = "fcfs"
     warm_start: bool = True  # keep swapped-out weights in host memory (KeepWarm/Release)
     sheds: bool = False  # Reject sheddable requests that cannot meet their deadline anywhere
-    uses_true_lengths: bool = False  # oracle only
+    uses_true_lengths: bool = False  # qlm-true-lengths only
+    # "count": the in-flight bound counts requests; "work": also the prefill and KV work they bring
+    # (core/lso.py EngineLoad).
+    pull_bound: Literal["count", "work"] = "count"
 
 
 @dataclass(frozen=True)

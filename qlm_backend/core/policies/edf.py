@@ -1,7 +1,8 @@
 """edf: the router holds the queue and instances pull in earliest-deadline order (the released QLM
 code's default). Bounded in-flight per engine; requests of a model are dealt to the instances
 running it by load relative to their speed; a swap only when the earliest-deadline waiting request
-needs a model nobody runs. No planner, no eviction, no shedding."""
+needs a model nobody runs, with warm start as every policy that swaps. No planner, no eviction, no
+shedding."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from qlm_backend.core.request import Request, RequestState
 class EdfPolicy:
     name = "edf"
 
-    def __init__(self, *, warm_start: bool = False) -> None:
+    def __init__(self, *, warm_start: bool = True) -> None:
         self.traits = PolicyTraits(
             bounded_pull=True, engine_scheduling="fcfs", warm_start=warm_start, sheds=False
         )

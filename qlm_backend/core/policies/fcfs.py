@@ -3,7 +3,9 @@
 Every request goes to an engine at once (no router queue: unbounded pull), to the least-loaded (or
 round-robin) instance running its model; the engine batches FCFS with its own preemption. A model
 swap happens only when the oldest waiting request needs a model no instance runs: one instance
-(an empty one, else the least busy) drains and switches. No eviction, no warm start, no shedding.
+(an empty one, else the least busy) drains and switches, keeping the old model's weights warm in
+host memory (every policy that swaps gets warm start: a cold load where the fleet has host memory
+for a warm one would handicap the baseline, not show its scheduling). No eviction, no shedding.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class PushPolicy:
 
     name = "fcfs"
 
-    def __init__(self, *, balance: Balance = "least_loaded", warm_start: bool = False) -> None:
+    def __init__(self, *, balance: Balance = "least_loaded", warm_start: bool = True) -> None:
         self.balance = balance
         self.traits = PolicyTraits(
             bounded_pull=False,

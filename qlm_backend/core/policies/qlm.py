@@ -9,10 +9,12 @@ from collections.abc import Callable
 from qlm_backend.core.admission import shed_reason
 from qlm_backend.core.estimator import GroupForecast
 from qlm_backend.core.instances import InstanceState
+from qlm_backend.core.lso import EngineLoad
 from qlm_backend.core.planner import GlobalPlanner, SolverMode
 from qlm_backend.core.policies.base import Plan, PlanContext, PolicyTraits, QueueEntry
 from qlm_backend.core.policies.common import p_meet_at, prune_previous, steal_for_idle, victims
 from qlm_backend.core.request import Request, RequestState
+from qlm_backend.engine.perf import PerfModel
 
 
 class QlmPolicy:
@@ -34,7 +36,8 @@ class QlmPolicy:
         self.evict = evict
         self.traits = PolicyTraits(
             bounded_pull=True,
-            engine_scheduling="fcfs",
+            engine_scheduling="priority",
+            pull_bound="work",
             warm_start=warm_start,
             sheds=shed,
             uses_true_lengths=oracle,
@@ -117,31 +120,102 @@ class QlmPolicy:
                         (v.req.request_id, f"swap to {head.model} for {f.group_id}") for v in vs
                     )
                 continue
-            prof = est.profile(inst.model, inst.spec)
-            room = max(0, inst.spec.max_in_flight - len(inst.in_flight))
-            pos = 0
-            chosen: set[str] = set()
-            for e, f in zip(entries, fcs, strict=True):
-                st0 = ctx.requests[e.request_ids[0]]
-                if st0.req.model != inst.model or pos >= inst.spec.max_in_flight:
-                    break
-                n = len(e.request_ids)
-                waiting = n - max(0, min(n, room - pos))
-                pos += n
-                if waiting <= 0 or f.p_meet >= cfg.evict_p_threshold:
-                    continue
-                t = now + prof.prefill_first_s
-                gain = p_meet_at(st0.req.deadline_s, t, now, cfg.rel_std_floor) - f.p_meet
-                if gain < cfg.evict_gain_min:
-                    continue
-                prio = ctx.classes[st0.req.slo_class].priority
-                vs = [
-                    v for v in self._victims(inst, ctx, now, prio) if v.req.request_id not in chosen
-                ][:waiting]
-                for v in vs:
-                    chosen.add(v.req.request_id)
-                    out.append((v.req.request_id, f"slot for {f.group_id} (P {f.p_meet:.2f})"))
+            out.extend(self._slot_evictions(ctx, inst, entries, fcs, now))
         return out
+
+    def _slot_evictions(
+        self,
+        ctx: PlanContext,
+        inst: InstanceState,
+        entries: list[QueueEntry],
+        fcs: list[GroupForecast],
+        now: float,
+    ) -> list[tuple[str, str]]:
+        """Evictions that let a queued group at risk into the engine now. Which requests wait is
+        what the executor would do (core/lso.py: the count bound and, for a work-bounded policy,
+        the prefill and KV caps). Eviction must pay for itself: the victim's re-prefill delays
+        everything queued behind on this instance, and that expected loss, weighted by class,
+        must stay below the weighted gain of the requests let in; a long-prompt victim costs more,
+        and the cheapest victims of the lowest class go first."""
+        cfg = ctx.config
+        est = ctx.estimator
+        prof = est.profile(inst.model, inst.spec)  # type: ignore[arg-type]
+        perf = est.perf(inst.model, inst.spec)  # type: ignore[arg-type]
+        load = EngineLoad(inst, ctx, now, self.traits.engine_scheduling == "priority")
+        work = self.traits.pull_bound == "work"
+        room = max(0, inst.spec.max_in_flight - len(inst.in_flight))
+        out: list[tuple[str, str]] = []
+        chosen: set[str] = set()
+        for k, (e, f) in enumerate(zip(entries, fcs, strict=True)):
+            st0 = ctx.requests[e.request_ids[0]]
+            if st0.req.model != inst.model:
+                break
+            waiting = []
+            for rid in e.request_ids:
+                st = ctx.requests[rid]
+                if room > 0 and (not work or load.fits(st)):
+                    room -= 1
+                    load.add(st)
+                else:
+                    waiting.append(st)
+            if not waiting or f.p_meet >= cfg.evict_p_threshold:
+                continue
+            t = now + prof.prefill_first_s
+            gain = p_meet_at(st0.req.deadline_s, t, now, cfg.rel_std_floor) - f.p_meet
+            if gain < cfg.evict_gain_min:
+                continue
+            w_gain = ctx.classes[st0.req.slo_class].weight * gain
+            prio = ctx.classes[st0.req.slo_class].priority
+            behind = list(zip(entries[k + 1 :], fcs[k + 1 :], strict=True))
+            cands = [
+                v for v in self._victims(inst, ctx, now, prio) if v.req.request_id not in chosen
+            ]
+            for st in waiting:
+                while cands and not (room > 0 and (not work or load.fits(st))):
+                    v = cands.pop(0)
+                    cost_s = self._resume_cost_s(v, perf)
+                    if self._delay_loss(ctx, behind, cost_s, now) >= w_gain:
+                        cands = []  # cheapest first: the rest cost more
+                        break
+                    chosen.add(v.req.request_id)
+                    load.remove(v)
+                    room += 1
+                    out.append((v.req.request_id, f"slot for {f.group_id} (P {f.p_meet:.2f})"))
+                if room > 0 and (not work or load.fits(st)):
+                    room -= 1
+                    load.add(st)
+                else:
+                    break
+        return out
+
+    @staticmethod
+    def _resume_cost_s(victim: RequestState, perf: PerfModel | None) -> float:
+        """Engine seconds the victim's resume re-prefills: its whole context. The prefix cache
+        keeps a freed request's blocks only until they are handed out again, and an eviction is
+        made precisely because the engine needs them: qlm-eval on a long-prompt trace found 0% of
+        resumed requests' context still cached when they were pulled again (docs/scheduling.md)."""
+        if perf is None:
+            return 0.0
+        return perf.prefill_s(max(1, victim.req.prompt_tokens + victim.tokens_done))
+
+    @staticmethod
+    def _delay_loss(
+        ctx: PlanContext,
+        behind: list[tuple[QueueEntry, GroupForecast]],
+        delay_s: float,
+        now: float,
+    ) -> float:
+        """Weighted expected violations added by delaying the groups behind by delay_s."""
+        floor = ctx.config.rel_std_floor
+        loss = 0.0
+        for e, f in behind:
+            r = ctx.requests[e.request_ids[0]].req
+            t = f.first_token_mean_s
+            dp = p_meet_at(r.deadline_s, t, now, floor) - p_meet_at(
+                r.deadline_s, t + delay_s, now, floor
+            )
+            loss += ctx.classes[r.slo_class].weight * f.n * max(0.0, dp)
+        return loss
 
     @staticmethod
     def _victims(
@@ -149,10 +223,10 @@ class QlmPolicy:
     ) -> list[RequestState]:
         if ctx.config.evict_victims != "any":
             return victims(inst, ctx, now, below_priority=prio)
-        # Lower classes first (their later tokens matter least), longest remaining within a class
-        # (victims() order, kept by the stable sort).
+        # Lower classes first (their later tokens matter least), the cheapest to resume within a
+        # class (shortest context: the least re-prefill), longest remaining among equals.
         vs = victims(inst, ctx, now, below_priority=None)
-        vs.sort(key=lambda v: -v.priority)
+        vs.sort(key=lambda v: (-v.priority, v.req.prompt_tokens + v.tokens_done))
         return vs
 
 

@@ -44,7 +44,9 @@ def _fleet():
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    policy=st.sampled_from(["qlm", "fcfs", "edf", "priority", "shepherd", "oracle"]),
+    policy=st.sampled_from(
+        ["qlm", "fcfs", "edf", "priority", "shepherd", "flow-control", "qlm-true-lengths"]
+    ),
     ops=st.lists(op, min_size=1, max_size=40),
 )
 def test_plans_keep_every_request_exactly_once_and_one_model_per_instance(policy, ops) -> None:

@@ -84,9 +84,20 @@ def test_groups_window_and_split() -> None:
 
 
 def test_registry_unknown_name_lists_known() -> None:
-    with pytest.raises(ValueError, match="known: edf, fcfs, oracle, priority, qlm, shepherd"):
+    with pytest.raises(
+        ValueError,
+        match="known: edf, fcfs, flow-control, priority, qlm, qlm-true-lengths, shepherd",
+    ):
         make_policy("sjf")
-    assert set(POLICY_NAMES) == {"qlm", "fcfs", "edf", "priority", "shepherd", "oracle"}
+    assert set(POLICY_NAMES) == {
+        "qlm",
+        "fcfs",
+        "edf",
+        "priority",
+        "shepherd",
+        "flow-control",
+        "qlm-true-lengths",
+    }
 
 
 def test_pull_respects_bound_and_edf_order(clock: FakeClock) -> None:

@@ -71,7 +71,7 @@ def test_cli_writes_results_in_the_documented_shape(tmp_path: Path, capsys) -> N
             "--max-requests",
             "60",
             "--policies",
-            "qlm,fcfs,edf,oracle",
+            "qlm,fcfs,edf,qlm-true-lengths",
             "--out",
             str(out),
             "--no-progress",
