@@ -12,7 +12,7 @@ SOAK_ARGS ?= --minutes 30
 
 .PHONY: setup setup-vllm serve serve-vllm test test-fast lint typecheck unit integration test-vllm \
         test-slow eval loadtest soak bench-planner bench-router bench-realtime bench-fidelity calibrate \
-        bench-overload fmt clean
+        bench-overload bench-calibration eval-dev eval-report fmt clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,16 @@ test-slow: setup
 eval: setup
 	$(BIN)/qlm-eval $(EVAL_ARGS)
 
+# The evaluation protocol (qlm_backend/eval/protocol.py): tune on the dev set, report on the test
+# set. Resumable: units already in results/protocol-<set>/units are kept. PROTOCOL_ARGS narrows a
+# run, e.g. PROTOCOL_ARGS="--seeds 100-101". The test set is hours on 2 cores.
+PROTOCOL_ARGS ?=
+eval-dev: setup
+	$(BIN)/qlm-eval-protocol --set dev $(PROTOCOL_ARGS)
+
+eval-report: setup
+	$(BIN)/qlm-eval-protocol --set test --report docs/eval $(PROTOCOL_ARGS)
+
 loadtest: setup
 	$(BIN)/qlm-loadtest $(LOADTEST_ARGS)
 
@@ -83,6 +93,10 @@ bench-realtime: setup
 
 bench-overload: setup
 	$(BIN)/qlm-bench overload --out results/bench-overload.json
+
+# The estimator's forecast error, truth = prior and perturbed, with and without recalibration (~2 min).
+bench-calibration: setup
+	$(BIN)/qlm-bench calibration --out results/bench-calibration.json
 
 # ~20 min each: they replay trace slices through the real vLLM engine at three loads.
 bench-fidelity: setup setup-vllm

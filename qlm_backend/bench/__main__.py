@@ -13,6 +13,7 @@ BENCHES = {
     "realtime": "qlm_backend.bench.realtime",  # qlm vs fcfs attainment, real time, real server
     "overload": "qlm_backend.bench.overload",  # 10x burst: completed / shed / lost per class
     "soak": "qlm_backend.bench.soak",  # long trace-shaped load: lost requests, TTFT over time, RSS
+    "calibration": "qlm_backend.bench.calibration",  # estimator's error, with/without recalibration
 }
 
 
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print("usage: qlm-bench {" + ",".join(BENCHES) + "} [args]\n")
         for bench_name, module in BENCHES.items():
-            print(f"  {bench_name:9s} {module}")
+            print(f"  {bench_name:11s} {module}")
         return 0 if args else 2
     name = args.pop(0)
     if name not in BENCHES:

@@ -48,8 +48,12 @@ class ManagerConfig:
     # machine (2026-11-25, the qlm-bench planner grid, 15 runs each): 11.6k nonzeros (10k queued x
     # 256 instances) 25-32 ms p50, 60 ms max (model: 57 ms); 3.0-3.5k nonzeros (100 and 1k queued)
     # 3-7 ms p50, 4-16 ms max (model: 8-10 ms). The old linear 6e-7 s/nnz predicted 10 ms for the
-    # 11.6k LP, so it was tried and overran the budget.
-    lp_s_per_nonzero: float = 2.0e-6
+    # 11.6k LP, so it was tried and overran the budget. Since the reduced LP (core/lp_compact.py;
+    # no presolve, primal simplex from a feasible start), 2026-12-02, same machine with another
+    # process busy, 10 plans each: 11.6k nonzeros 17.9 ms p50 / 18.4 ms p99 (model: 34 ms, so with
+    # the per-group reserve the LP now decides at 10k x 256); 3.2k 3.9 / 4.9 ms (model: 5.5 ms);
+    # 100k queued x 256 (~100k nonzeros) 120 ms (model: 1.6 s: the heuristic decides).
+    lp_s_per_nonzero: float = 1.2e-6
     lp_nnz_knee: float = 8_000.0
     # What the planner still does per group after the LP (rounding, ordering and forecasting each
     # queue), reserved from the budget before trying the LP.
@@ -80,9 +84,9 @@ class ManagerConfig:
     # Relative floor on the first-token time's standard deviation: the CLT sum shrinks the spread of
     # long queues, but throughput itself is only known to ~10%.
     rel_std_floor: float = 0.10
-    # Online recalibration on top of the EWMA statistics (core/recalibration.py): a learnt ratio on
-    # the pull-to-first-token delay per (model, GPU, TP), and a faster warm-up of the output-length
-    # priors. False: the estimator learns only its EWMAs (qlm-bench calibration compares both).
+    # Online recalibration on top of the EWMA statistics (core/recalibration.py): the concurrency
+    # an instance was seen to run promptly is a floor on the batch the estimator assumes, per
+    # (model, GPU, TP). False: the estimator learns only its EWMAs (qlm-bench calibration compares).
     recalibrate: bool = True
     # --- LSOs -----------------------------------------------------------------------------
     evict_p_threshold: float = 0.5  # evict for a queued request whose P(meet) falls below this ...

@@ -221,7 +221,7 @@ class RwtEstimator:
         if e is None:
             m, v = self.output_stats(model, slo_class)
             e = self._out[key] = Ewma(m, v)
-        e.update(float(tokens), self.recal.output_alpha(e.n))
+        e.update(float(tokens), self.config.ewma_alpha)
         self._invalidate(model)
 
     def observe_arrival(self, model: str, slo_class: str, now: float) -> None:
@@ -269,9 +269,9 @@ class RwtEstimator:
         """A finished request teaches the output length of its (model, class) and, from its
         token cadence, the decode step time at the batch its instance ran."""
         r = st.req
+        self._recalibrate_first_token(st, inst)  # first: it reads the profile the planner used
         if not r.output_fixed:  # a length the caller fixed says nothing of the class's lengths
             self.observe_output(r.model, r.slo_class, output_tokens)
-        self._recalibrate_first_token(st, inst)
         if st.first_token_s is None or st.evictions or output_tokens < 8:
             return
         step = (now - st.first_token_s) / (output_tokens - 1)
@@ -281,18 +281,22 @@ class RwtEstimator:
 
     # ------------------------------------------------------------------ recalibration
     def _recalibrate_first_token(self, st: RequestState, inst: InstanceState) -> None:
-        """A request that ran once, pull to first token, against the prediction without the learnt
-        factor (core/recalibration.py)."""
+        """A request that ran once: its pull-to-first-token delay against the profile's, and how
+        many requests its instance held (core/recalibration.py)."""
         if not self.recal.enabled or st.evictions:
             return
         if st.dispatched_s is None or st.first_token_s is None:
             return
-        model = st.req.model
-        key = (model, inst.spec.gpu, inst.spec.tp)
-        base = self.profile(model, inst.spec).prefill_first_s / self.recal.prefill_factor(key)
+        spec, model = inst.spec, st.req.model
+        # Only a profile already cached: computing one here would fill the cache at a moment the
+        # planner did not, and a profile depends on when it is computed (the prompt mean drifts).
+        prof = self._profiles.get((model, spec.gpu, spec.tp, spec.max_in_flight))
+        if prof is None:
+            return
         delay = st.first_token_s - st.dispatched_s
-        # It has left the in-flight set already: the instance held it too.
-        if self.recal.observe_first_token(key, delay, base, len(inst.in_flight) + 1):
+        held = len(inst.in_flight) + 1  # it has left the in-flight set already
+        key = (model, spec.gpu, spec.tp)
+        if self.recal.observe_first_token(key, delay, prof.prefill_first_s, held):
             self._invalidate(model)
 
     def _invalidate(self, model: str) -> None:
@@ -328,7 +332,7 @@ class RwtEstimator:
         # average full contexts its KV cache holds (beyond that vLLM preempts).
         kv_fit = max(1, int(perf.kv_capacity_tokens // max(1.0, prompt + out)))
         # Full contexts are a pessimistic count: a concurrency seen running promptly is a floor.
-        kv_fit = max(kv_fit, self.recal.concurrency((model, spec.gpu, spec.tp)))
+        kv_fit = self.recal.kv_fit((model, spec.gpu, spec.tp), kv_fit)
         batch = max(1, min(bound, ENGINE_MAX_SEQS, kv_fit))
         corr = self._corr.get((model, spec.gpu, spec.tp))
         c = corr.mean if corr is not None else 1.0
@@ -336,12 +340,11 @@ class RwtEstimator:
         pre = perf.prefill_s(int(prompt)) * c
         # A prefill rides in one iteration with the decodes: what it adds beyond a decode step.
         stall = max(0.0, pre - perf.decode_step_s(1, 0) * c)
-        first = (0.5 * step + pre) * self.recal.prefill_factor((model, spec.gpu, spec.tp))
         prof = ServiceProfile(
             model=model,
             batch=batch,
             step_s=step,
-            prefill_first_s=first,
+            prefill_first_s=0.5 * step + pre,
             prefill_stall_s=stall,
             load_warm_s=perf.load_s(warm=True),
             load_cold_s=perf.load_s(warm=False),

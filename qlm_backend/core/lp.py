@@ -13,7 +13,9 @@ serving another model (sum_b x[g,c,b] <= y[i,m_g]) and at most one swap per inst
 
 Small models are formulated in PuLP (readable, exportable) and solved with its HiGHS API; larger ones
 are built directly with highspy's matrix API: DESIGN.md section 7 measured PuLP's build as the
-bottleneck (32 ms at 1,600 columns vs 2 ms with highspy).
+bottleneck (32 ms at 1,600 columns vs 2 ms with highspy). What goes to highspy is the same LP with
+the columns and rows that cannot change its optimum taken out first (lp_compact.py), solved by the
+primal simplex from a feasible start; build_matrix keeps the full layout (PuLP, size estimates).
 """
 
 from __future__ import annotations

@@ -140,8 +140,9 @@ def build_compact(p: Problem, ends: np.ndarray, swap_penalty: float, rel_std: fl
         y_inst, weights=y_load, minlength=n_i
     )
     cap = np.maximum(0.0, ends[None, :] - p.base_s[:, None])  # (I, B), rises with b
-    # A margin so that float summation order can never make a binding row look redundant.
-    redundant = most[:, None] * (1.0 + 1e-9) + 1e-9 <= cap
+    # A margin so that float summation order can never make a binding row look redundant; an
+    # instance nothing can land on has no rows at all.
+    redundant = (most[:, None] * (1.0 + 1e-9) + 1e-9 <= cap) | (most == 0.0)[:, None]
     r_inst = B - redundant.sum(axis=1)
     cap_first = G + np.cumsum(r_inst) - r_inst  # row of (i, 0)
     n_cap = int(r_inst.sum())

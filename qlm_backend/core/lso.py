@@ -126,6 +126,10 @@ class EngineLoad:
         used = self.kv_used
         return used <= 0 or used + kv <= self.kv_cap
 
+    def prefill_ahead_s(self, st: RequestState) -> float:
+        """Unprefilled prompt seconds in the engine that a new request `st` would wait behind."""
+        return self._ahead(self.prefill_by_prio, self._prio(st))
+
     @property
     def kv_used(self) -> float:
         return sum(self.kv_by_prio.values())

@@ -12,19 +12,21 @@ thrashed 692 times).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 
 from qlm_backend.core.estimator import GroupForecast
 from qlm_backend.core.instances import InstanceState
 from qlm_backend.core.policies.base import PlanContext, QueueEntry
+from qlm_backend.core.request import Request
 
 
-def _entry_key(e: QueueEntry, ctx: PlanContext, now: float) -> tuple[int, float, float]:
-    st = ctx.requests[e.request_ids[0]]
-    dl = st.req.deadline_s
-    weight = ctx.classes[st.req.slo_class].weight
+def _entry_key(
+    req: Request, now: float, hopeless_before_slack_s: float, weight: float
+) -> tuple[int, float, float]:
+    dl = req.deadline_s
     if dl < now:
         tier = 1  # hopeless: behind what can still be met ...
-    elif dl - now > ctx.config.hopeless_before_slack_s:
+    elif dl - now > hopeless_before_slack_s:
         tier = 2  # ... but ahead of far-deadline work, which can wait without missing
     else:
         tier = 0
@@ -44,11 +46,14 @@ def order_queue(
     if not entries:
         return [], []
     blocks: dict[str, list[tuple[tuple[int, float, float], QueueEntry]]] = {}
+    requests, classes = ctx.requests, ctx.classes
+    hopeless = ctx.config.hopeless_before_slack_s
     for e in entries:
-        model = ctx.requests[e.request_ids[0]].req.model
-        blocks.setdefault(model, []).append((_entry_key(e, ctx, now), e))
+        req = requests[e.request_ids[0]].req
+        key = _entry_key(req, now, hopeless, classes[req.slo_class].weight)
+        blocks.setdefault(req.model, []).append((key, e))
     for b in blocks.values():
-        b.sort(key=lambda x: x[0])
+        b.sort(key=itemgetter(0))
     est = ctx.estimator
     if len(blocks) == 1:
         ordered = [e for _, e in next(iter(blocks.values()))]

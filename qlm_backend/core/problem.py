@@ -149,13 +149,14 @@ def build_problem(
         if len(allowed) == 0:
             continue
         ak = kind_idx[allowed]
-        unit, pf, stall = unit_k[ak], pf_k[ak], stall_k[ak]
+        pf = pf_k[ak]
         warm_h = np.fromiter((ctx.warm.is_warm(h, model) for h in hosts), dtype=bool)
         lsw = np.where(warm_h[host_idx[allowed]], warm_k[ak], cold_k[ak])
         lsw[cur_arr[allowed] == model] = 0.0
         gidx = np.nonzero(models_arr == model)[0]
-        w = tokens[gidx][:, None] * unit[None, :] + n[gidx][:, None] * stall[None, :]
-        finish = base[allowed][None, :] + lsw[None, :] + w
+        # A group's work depends on the instance's kind only: computed per kind, then spread.
+        wk = tokens[gidx][:, None] * unit_k[None, :] + n[gidx][:, None] * stall_k[None, :]
+        finish = (base[allowed] + lsw)[None, :] + wk[:, ak]
         kc = min(kk, len(allowed))
         if kc < len(allowed):
             part = np.argpartition(finish, kc - 1, axis=1)[:, :kc]
@@ -166,7 +167,7 @@ def build_problem(
         orderk = np.argsort(fsel, axis=1, kind="stable")
         part = np.take_along_axis(part, orderk, axis=1)
         cand[gidx, :kc] = allowed[part]
-        work[gidx, :kc] = np.take_along_axis(w, part, axis=1)
+        work[gidx, :kc] = np.take_along_axis(wk, ak[part], axis=1)
         swap[gidx, :kc] = lsw[part]
         pre[gidx, :kc] = pf[part]
     return Problem(

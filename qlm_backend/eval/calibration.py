@@ -23,8 +23,9 @@ of the time errors (there is no actual time).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -219,7 +220,8 @@ def summarize(scored: Sequence[Scored]) -> dict[str, Any]:
     """Brier (and the base rate's), reliability and position errors of one set of forecasts."""
     probs = [x.point.p_meet for x in scored]
     ys = [x.met for x in scored]
-    timed = [x for x in scored if x.error_s is not None]
+    # A forecast of never (an unhealthy instance's queue) has no time error to speak of.
+    timed = [x for x in scored if x.error_s is not None and math.isfinite(x.error_s)]
     errs = [x.error_s for x in timed if x.error_s is not None]
     waits = [x.true_wait_s for x in timed if x.true_wait_s is not None]
     return {
@@ -245,9 +247,11 @@ class ForecastRecorder:
     first planned and when it is first pulled (before its first token).
 
     The planner forecasts groups; a request's own forecast is the same model with every request of
-    the queue as its own entry (forecast_queue then probes each request at its position), computed
-    on the plan's queues before its actions change anything, as the planner saw them. Only the
-    prefix of a queue up to the deepest request to record is forecast (the forecast is sequential).
+    the queue as its own entry (forecast_queue then probes each request at its position), on the
+    plan's queues, with what the plan's actions make of the instances: its evictions out of the
+    in-flight sets (a request pulled into a victim's slot is not forecast to wait for it), its pulls
+    still at the head of the queues they come from. Only the prefix of a queue up to the deepest
+    request to record is forecast (the forecast is sequential).
     """
 
     def __init__(self, bound: int | None = None) -> None:
@@ -269,13 +273,14 @@ class ForecastRecorder:
             profiles.update(saved)
 
     def _record(self, plan: Plan, ctx: PlanContext, actions: list[Action], now: float) -> None:
-        from qlm_backend.core.actions import Pull
+        from qlm_backend.core.actions import Evict, Pull
         from qlm_backend.core.policies.base import QueueEntry
         from qlm_backend.core.request import Status
 
         pulls = {
             rid: a.instance_id for a in actions if isinstance(a, Pull) for rid in a.request_ids
         }
+        evicted = {a.request_id for a in actions if isinstance(a, Evict)}
         for iid, entries in plan.queues.items():
             flat = [
                 (e.group_id, rid) for e in entries for rid in e.request_ids if rid in ctx.requests
@@ -296,7 +301,10 @@ class ForecastRecorder:
                 continue
             depth = max(want) + 1
             split = [QueueEntry(gid, (rid,)) for gid, rid in flat[:depth]]
-            fc = ctx.estimator.forecast_queue(ctx.instances[iid], split, ctx, now, bound=self.bound)
+            inst = ctx.instances[iid]
+            if not evicted.isdisjoint(inst.in_flight):  # a copy: the manager's state stays as is
+                inst = replace(inst, in_flight=inst.in_flight - evicted)
+            fc = ctx.estimator.forecast_queue(inst, split, ctx, now, bound=self.bound)
             for pos, kinds in want.items():
                 rid, f = flat[pos][1], fc[pos]
                 for kind in kinds:

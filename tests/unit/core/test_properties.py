@@ -148,14 +148,16 @@ def test_lp_size_gate_at_the_planner_benchmark_sizes() -> None:
     # leaves the whole 50 ms budget, so the path depends on the LP's size alone:
     # - 1k queued x 64 instances: 54 groups, 1,080 columns, 3,240 nonzeros -> predicted ~10 ms
     #   (+ ~3 ms after it) fits: the LP decides;
-    # - 10k queued x 256 instances: 179 groups, 3,584 columns, 11,620 nonzeros -> predicted ~57 ms
-    #   (measured up to 60 ms): straight to the fallback, without trying the LP first.
+    # - 10k queued x 256 instances: 179 groups, 3,584 columns, 11,620 nonzeros -> predicted ~34 ms
+    #   (+ ~9 ms after it; the reduced LP measured 18 ms p99): the LP decides too;
+    # - 100k queued x 256: ~1,600 groups -> predicted over a second: straight to the fallback,
+    #   without trying the LP first.
     from qlm_backend.bench.planner import make_manager
     from qlm_backend.core.lp import bucket_ends, build_matrix, estimate_size
     from qlm_backend.core.planner import GlobalPlanner
     from qlm_backend.core.problem import build_problem
 
-    for queued, insts, path in ((1_000, 64, "lp"), (10_000, 256, "fallback")):
+    for queued, insts, path in ((1_000, 64, "lp"), (10_000, 256, "lp"), (100_000, 256, "fallback")):
         qm = make_manager(queued, insts)
         # The size gate alone: without the no-swap-choice rule (every pruned candidate may run
         # the group's model already here, and then the heuristic decides before any size test)

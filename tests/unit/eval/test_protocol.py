@@ -1,0 +1,78 @@
+"""The evaluation protocol's sets and its report, on hand-made results."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from qlm_backend.eval.protocol import SETS, parse_seeds
+from qlm_backend.eval.protocol_report import collect, headline, markdown
+
+
+def test_dev_and_test_sets_share_no_seed_and_test_holds_out_wd2() -> None:
+    dev, test = SETS["dev"], SETS["test"]
+    assert set(dev.seeds).isdisjoint(test.seeds)
+    assert dev.seeds == (0, 1, 2, 3, 4) and test.seeds == tuple(range(100, 110))
+    assert test.loads == (0.8, 1.0, 1.5, 2.0, 3.0) and dev.loads == (1.5, 2.0)
+    assert {c.name for c in test.cases} - {c.name for c in dev.cases} == {"wd2"}
+
+
+def test_seed_lists_and_ranges_parse_and_bad_text_names_the_option() -> None:
+    assert parse_seeds("100-102") == (100, 101, 102)
+    assert parse_seeds("0,3,7") == (0, 3, 7)
+    with pytest.raises(argparse.ArgumentTypeError, match="--seeds"):
+        parse_seeds("a-b")
+
+
+def _summary(w: float, interactive: float) -> dict:
+    return {
+        "weighted_attainment": w,
+        "per_class": {
+            "interactive": {"slo_attainment": interactive, "ttft_p50_s": 1.0, "ttft_p99_s": 5.0}
+        },
+        "goodput_rps": 1.0,
+        "gpu_busy_share": 0.9,
+        "lso": {"model_swaps_warm": 1, "model_swaps_cold": 1},
+        "makespan_s": 3600.0,
+        "full_plans": 10,
+        "lp_plans": 5,
+        "fallback_plans": 5,
+        "plan_calls": 20,
+    }
+
+
+def _unit(seed: int, qlm: float, prio: float, bound: float) -> dict:
+    return {
+        "case": "wd",
+        "seed": seed,
+        "classes": ["interactive"],
+        "max_requests": 100,
+        "runs": [
+            {
+                "load": 2.0,
+                "bound": {"weighted_attainment": bound, "per_class": {}},
+                "policies": {
+                    "qlm": _summary(qlm, qlm),
+                    "priority": _summary(prio, prio),
+                    "qlm-true-lengths": _summary(0.99, 0.99),  # not a baseline
+                },
+            }
+        ],
+    }
+
+
+def test_headline_compares_qlm_with_the_best_baseline_and_the_bound() -> None:
+    cells = collect([_unit(0, 0.8, 0.6, 1.0), _unit(1, 0.9, 0.7, 1.0)])
+    h = headline(cells[("wd", 2.0)])
+    assert h["best"] == "priority"  # qlm-true-lengths is no baseline
+    assert h["margin"] == pytest.approx(0.2)
+    assert h["closed"] == pytest.approx(0.2 / 0.35)  # (0.85 - 0.65) / (1.0 - 0.65)
+
+
+def test_the_report_counts_the_cells_qlm_wins() -> None:
+    text = markdown([_unit(0, 0.5, 0.6, 1.0)], SETS["test"], img=None)
+    assert "qlm at or above the best baseline in 0 of 1 cells" in text
+    assert "| wd | 2 | 1.000 |" in text
+    # swaps per hour, LP / fallback / incremental shares of the planner's decisions
+    assert "| 2 | 0.50 / 0.50 / 0.50 |" in text
