@@ -3,7 +3,10 @@
 Why blocks: an instance runs one model at a time, so interleaving models would pay a swap per
 change; all groups of one model run back to back. Inside a block, earliest deadline first, except
 lost causes (deadline already past: the violation is certain) which go last so they do not take
-capacity from groups that can still make it. Between blocks the incumbent (the model running now)
+capacity from groups that can still make it. When the block cannot meet every deadline, EDF spends
+the capacity on whichever request is due first, whatever its class: a single-model queue is also
+ordered class first (strict priority, as vLLM's priority scheduling does), and the order with fewer
+expected weighted violations is kept. Between blocks the incumbent (the model running now)
 goes first unless putting the most urgent other block first lowers the expected weighted violations
 by more than `swap_hysteresis` (DESIGN.md section 8: without hysteresis 5 models on 3 slots
 thrashed 692 times).
@@ -56,8 +59,28 @@ def order_queue(
         b.sort(key=itemgetter(0))
     est = ctx.estimator
     if len(blocks) == 1:
-        ordered = [e for _, e in next(iter(blocks.values()))]
-        return ordered, est.forecast_queue(inst, ordered, ctx, now, oracle=oracle, bound=bound)
+        block = next(iter(blocks.values()))
+        ordered = [e for _, e in block]
+        fc = est.forecast_queue(inst, ordered, ctx, now, oracle=oracle, bound=bound)
+        if all(f.p_meet >= ctx.config.evict_p_threshold for f in fc):
+            return ordered, fc  # EDF meets everything: it is the order that can
+        by_class = [
+            e
+            for _, e in sorted(
+                block,
+                key=lambda ke: (
+                    ke[0][0],
+                    classes[requests[ke[1].request_ids[0]].req.slo_class].priority,
+                    *ke[0][1:],
+                ),
+            )
+        ]
+        if by_class == ordered:
+            return ordered, fc
+        fc_b = est.forecast_queue(inst, by_class, ctx, now, oracle=oracle, bound=bound)
+        if sum(f.expected_violations for f in fc_b) < sum(f.expected_violations for f in fc):
+            return by_class, fc_b
+        return ordered, fc
     incumbent = inst.loading or inst.model
 
     def urgency(model: str) -> tuple[int, float]:
