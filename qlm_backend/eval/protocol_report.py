@@ -102,12 +102,42 @@ def markdown(units: Sequence[Mapping[str, Any]], pset: ProtocolSet, img: str | N
         row += [h["best"] or "-", _f(margin, "+.3f"), _f(h.get("closed"), ".2f")]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", f"qlm at or above the best baseline in {wins} of {total} cells.", ""]
+    lines += _top_class_check(cells)
     lines += _details(cells, policies)
     if img:
         lines += ["", "## Plots", ""]
         for case in sorted({k[0] for k in cells}):
             lines.append(f"![{case}]({img}/protocol-{pset.name}-{case}.png)")
     return "\n".join(lines) + "\n"
+
+
+def _top_class_check(cells: Mapping[tuple[str, float], Mapping[str, Any]]) -> list[str]:
+    """The top class alone within capacity must be served: its share of requests x load (its own
+    demand, in units of the measured capacity of the whole mix) <= 0.9 -> qlm attains >= 0.99."""
+    held, failed = 0, []
+    for (case, load), c in sorted(cells.items()):
+        ss = c["policies"].get(QLM, [])
+        top = c["classes"][0]
+        if not ss:
+            continue
+        n_top = _mean([s["per_class"].get(top, {}).get("requests") or 0 for s in ss]) or 0.0
+        n_all = _mean([sum(v.get("requests") or 0 for v in s["per_class"].values()) for s in ss])
+        if not n_all or n_top / n_all * load > 0.9:
+            continue
+        att = _mean(
+            [
+                s["per_class"][top]["slo_attainment"]
+                for s in ss
+                if s["per_class"].get(top, {}).get("slo_attainment") is not None
+            ]
+        )
+        if att is not None and att >= 0.99:
+            held += 1
+        else:
+            failed.append(f"{case} load {load:g}: {_f(att)}")
+    total = held + len(failed)
+    text = f"Top class at >= 0.99 wherever its own demand is <= 0.9 x capacity: {held} of {total}"
+    return [text + (f" (below: {'; '.join(failed)})." if failed else "."), ""]
 
 
 def _details(

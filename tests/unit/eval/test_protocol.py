@@ -29,7 +29,18 @@ def _summary(w: float, interactive: float) -> dict:
     return {
         "weighted_attainment": w,
         "per_class": {
-            "interactive": {"slo_attainment": interactive, "ttft_p50_s": 1.0, "ttft_p99_s": 5.0}
+            "interactive": {
+                "slo_attainment": interactive,
+                "ttft_p50_s": 1.0,
+                "ttft_p99_s": 5.0,
+                "requests": 40,
+            },
+            "batch-2": {
+                "slo_attainment": 1.0,
+                "ttft_p50_s": 9.0,
+                "ttft_p99_s": 9.0,
+                "requests": 60,
+            },
         },
         "goodput_rps": 1.0,
         "gpu_busy_share": 0.9,
@@ -76,3 +87,5 @@ def test_the_report_counts_the_cells_qlm_wins() -> None:
     assert "| wd | 2 | 1.000 |" in text
     # swaps per hour, LP / fallback / incremental shares of the planner's decisions
     assert "| 2 | 0.50 / 0.50 / 0.50 |" in text
+    # interactive: 40% of requests x load 2 = 0.8 of capacity, attained 0.5 < 0.99
+    assert "Top class at >= 0.99 wherever its own demand is <= 0.9 x capacity: 0 of 1" in text
