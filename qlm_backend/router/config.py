@@ -86,6 +86,14 @@ class RouterConfig:
     def backend_for(self, instance_id: str) -> str:
         return self.instance_backends.get(instance_id, self.engine_backend)
 
+    def load_params(self, instance_id: str, warm: bool) -> dict[str, str] | None:
+        """What a load of this instance's engine carries: simulated engines take the load mode in
+        a config override; real engines (vllm, qlm-vllm) load as configured, with no override (it
+        would replace their config; their warm start is the engine's own business)."""
+        if self.backend_for(instance_id) != "sim":
+            return None
+        return {"load_mode": "warm" if warm else "cold"}
+
     def url_for(self, instance_id: str) -> str:
         url = self.instance_servers.get(instance_id)
         if not url:

@@ -418,22 +418,16 @@ class RouterModel:
                 send_error(st.sender, "Request was cancelled", "cancelled")
 
     # --- model control ------------------------------------------------------------------------
-    def _load_params(self, instance: str, warm: bool) -> dict[str, str] | None:
-        # Simulated engines take the load mode in a config override; real engines load as configured
-        # (their warm start is the engine's own business, e.g. vLLM sleep mode).
-        if self.cfg.backend_for(instance) != "sim":
-            return None
-        return {"load_mode": "warm" if warm else "cold"}
-
     async def _swap(self, a: SwapModel) -> None:
         srv = self._server(a.instance_id)
         try:
             if a.from_model:
                 await srv.unload(engine_model_name(a.from_model, a.instance_id))
             await asyncio.wait_for(
+                # No override for real engines: it was sent to every backend (issue 15).
                 srv.load(
                     engine_model_name(a.to_model, a.instance_id),
-                    {"load_mode": "warm" if a.warm else "cold"},
+                    self.cfg.load_params(a.instance_id, a.warm),
                 ),
                 timeout=self.cfg.load_timeout_s,
             )
@@ -465,7 +459,7 @@ class RouterModel:
                 try:
                     if not await srv.is_ready(name):
                         await asyncio.wait_for(
-                            srv.load(name, self._load_params(instance, warm=False)),
+                            srv.load(name, self.cfg.load_params(instance, warm=False)),
                             timeout=self.cfg.load_timeout_s,
                         )
                     self.qm.on_model_loaded(instance, model, self._now())

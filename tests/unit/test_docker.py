@@ -8,7 +8,6 @@ generates; the Dockerfile's base image is pinned >= 25.08 and its COPY sources e
 
 from __future__ import annotations
 
-import dataclasses
 import filecmp
 import json
 import re
@@ -245,18 +244,19 @@ def test_router_config_parses_and_matches_the_fleet():
     assert cfg.load_timeout_s >= 600  # a cold 70B start takes minutes
 
 
-def test_router_is_told_to_load_vllm_engines_without_a_config_override():
-    """Pending router work (issue 9): the router must load real vLLM engines without its simulated-
-    engine config override and send the admin key on load/unload. Turns into a real check once
-    RouterConfig has the keys."""
-    names = {f.name for f in dataclasses.fields(RouterConfig)}
-    if "engine_backend" not in names:
-        pytest.xfail("RouterConfig has no engine_backend key yet (lead, issue 9)")
+def test_router_loads_the_gpu_fleets_vllm_engines_without_a_config_override():
+    """The GPU deployment's router config: every engine is Triton's vLLM backend, so what the
+    router sends on a swap or recovery load is no config override (the simulated engine's would
+    replace the vLLM model's config), and the admin key header is the deployment's."""
     raw = json.loads((REPO / "qlm/1/router.json").read_text())
     cfg = RouterConfig.from_mapping(raw)
     assert cfg.engine_backend == "vllm"
-    if "admin_header" in names:
-        assert cfg.admin_header == ADMIN_HEADER
+    _, fleet, _ = _fleet()
+    assert fleet.instances
+    for inst in fleet.instances:
+        assert cfg.load_params(inst.instance_id, warm=True) is None
+        assert cfg.load_params(inst.instance_id, warm=False) is None
+    assert cfg.admin_header == ADMIN_HEADER
 
 
 # --- compose --------------------------------------------------------------------------------------

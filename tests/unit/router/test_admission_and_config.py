@@ -141,6 +141,23 @@ def test_router_config_remote_urls_and_backends():
     assert (cfg.backend_for("a"), cfg.backend_for("b")) == ("sim", "vllm")
 
 
+@pytest.mark.parametrize(
+    ("backend", "warm", "sent"),
+    [
+        ("sim", True, {"load_mode": "warm"}),
+        ("sim", False, {"load_mode": "cold"}),
+        # A config override would replace a real engine's config: none is sent, warm or not.
+        ("vllm", True, None),
+        ("vllm", False, None),
+        ("qlm-vllm", True, None),
+        ("qlm-vllm", False, None),
+    ],
+)
+def test_what_a_swap_or_recovery_load_sends_each_engine_backend(backend, warm, sent):
+    cfg = RouterConfig.from_mapping({"instance_backends": {"x": backend}})
+    assert cfg.load_params("x", warm) == sent
+
+
 def test_engine_config_from_json_and_parameters(tmp_path):
     (tmp_path / "engine.json").write_text(
         json.dumps({"model": "mistral-7b", "gpu": "A10", "time_scale": 0.5})
