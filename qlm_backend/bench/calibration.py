@@ -311,14 +311,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.load <= 0 or a.max_requests < 2:
         print("qlm-bench calibration: --load must be > 0, --max-requests >= 2", file=sys.stderr)
         return 2
-    from qlm_backend.eval.cli import _silence_highs_banner
+    from qlm_backend.core.lp import silence_highs_banner
 
     t0 = time.perf_counter()
     sc = load_scenario(a.scenario)
     trace = window(load_trace(str(DEFAULT_TRACE)), max_requests=a.max_requests, duration_s=None)
     base = build_workload(sc, trace, a.seed)
     priors = window_priors(base)
-    _silence_highs_banner()
+    silence_highs_banner()
     result: dict[str, Any] = {
         "bench": "calibration",
         "date": DATE,

@@ -19,14 +19,13 @@ seed), `--capacity fluid` the roofline estimate. Both are printed above the tabl
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qlm_backend.core.lp import silence_highs_banner
 from qlm_backend.core.policies import POLICY_NAMES
 from qlm_backend.eval import generate as gen
 from qlm_backend.eval.load import (
@@ -267,26 +266,6 @@ def _capacity(
     return OfferedCapacity("fluid", fluid, fluid, measured)
 
 
-def _silence_highs_banner() -> None:
-    """HiGHS prints a banner on stdout the first time a solver is built in a process; build one now
-    with stdout pointed at /dev/null so it does not land in the middle of the table."""
-    try:
-        import highspy
-    except ImportError:
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            highspy.Highs()
-            # The banner sits in C stdio's buffer when stdout is a file: flush it to /dev/null.
-            ctypes.CDLL(None).fflush(None)
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def _progress(total: int, disable: bool) -> Any:
     try:
         from tqdm import tqdm
@@ -304,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if given:
         p.error(f"--{given[0].replace('_', '-')} only applies with --generate OUT.csv")
     t_start = time.perf_counter()
-    _silence_highs_banner()  # the capacity estimate is the first LP of the process
+    silence_highs_banner()  # the capacity estimate is the first LP of the process
     try:
         sc = load_scenario(args.scenario)
         trace_path = args.trace or str(sc.trace_path or DEFAULT_TRACE)

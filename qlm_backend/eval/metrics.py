@@ -60,6 +60,7 @@ def summarize(
     ttfts: dict[str, list[float]] = {c: [] for c in class_order}
     counts: dict[str, list[int]] = {c: [0, 0] for c in class_order}  # [met, total]
     outcomes: dict[str, int] = {}
+    waits: dict[str, tuple[list[float], list[float]]] = {}  # class -> (router wait, engine queue)
     for rec in recs:
         c = rec.req.slo_class
         ttfts.setdefault(c, [])
@@ -68,6 +69,12 @@ def summarize(
         outcomes[rec.outcome or "open"] = outcomes.get(rec.outcome or "open", 0) + 1
         if rec.first_token_s is not None:
             ttfts[c].append(rec.first_token_s - rec.req.arrival_s)
+            # Where the first token's wait went: in the router until the pull, then in the engine.
+            pulled = rec.pulled_s if rec.pulled_s is not None else rec.req.arrival_s
+            scheduled = rec.scheduled_s if rec.scheduled_s is not None else pulled
+            waits.setdefault(c, ([], []))
+            waits[c][0].append(pulled - rec.req.arrival_s)
+            waits[c][1].append(scheduled - pulled)
             if rec.first_token_s <= rec.deadline_s + 1e-9:
                 met_all += 1
                 counts[c][0] += 1
@@ -82,6 +89,8 @@ def summarize(
             "ttft_p50_s": _r(_pct(ttfts[c], 50), 3),
             "ttft_p99_s": _r(_pct(ttfts[c], 99), 3),
             "served": len(ttfts[c]),
+            "router_wait_p50_s": _r(_pct(waits.get(c, ([], []))[0], 50), 3),
+            "engine_queue_p50_s": _r(_pct(waits.get(c, ([], []))[1], 50), 3),
         }
     cnt = res.counters
     core = res.core_counters

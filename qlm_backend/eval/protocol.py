@@ -92,7 +92,7 @@ def run_unit(
     case: Case, seed: int, loads: Sequence[float], max_requests: int, out: Path
 ) -> dict[str, Any]:
     """Every load of one (case, seed); writes and returns the unit's JSON object."""
-    from qlm_backend.eval.cli import _silence_highs_banner
+    from qlm_backend.core.lp import silence_highs_banner
     from qlm_backend.eval.load import (
         OfferedCapacity,
         cached_measured_capacity,
@@ -103,7 +103,7 @@ def run_unit(
     from qlm_backend.eval.scenario import build_workload, load_scenario
     from qlm_backend.eval.traces import DEFAULT_TRACE, load_trace, window
 
-    _silence_highs_banner()
+    silence_highs_banner()
     t0 = time.perf_counter()
     sc = load_scenario(case.scenario)
     trace_path = case.trace or str(sc.trace_path or DEFAULT_TRACE)

@@ -89,7 +89,7 @@ class RequestRecord:
     evictions: int = 0
     kv_at: str | None = None  # instance whose host memory holds its swapped-out KV
     # Timeline of the first token: the pull that led to it, and when the engine first scheduled it
-    # (TTFT = router wait + engine queue + prefill; docs/scheduling.md reads them).
+    # (TTFT = router wait + engine queue + prefill; metrics.py reports the first two per class).
     pulled_s: float | None = None
     scheduled_s: float | None = None
 

@@ -236,7 +236,10 @@ class RouterModel:
                 st.instance = a.instance_id
                 if st.dispatched_wall is None:
                     st.dispatched_wall = time.monotonic()
-                self._spawn(self._dispatch(st, a.instance_id, self._engine_priority(st, a), st.gen))
+                # The Pull's priority is what the engine sees: the class priority for a policy that
+                # schedules in the engine by priority (traits.engine_scheduling), else 0, exactly
+                # as qlm-eval's engines see it.
+                self._spawn(self._dispatch(st, a.instance_id, a.priority, st.gen))
         elif isinstance(a, Evict):
             self.metrics.lso("evict_swap" if a.resume == "swap" else "evict")
             st = self.reqs.get(a.request_id)
@@ -264,12 +267,6 @@ class RouterModel:
             self.metrics.lso("rebalance")
 
     # --- dispatch -----------------------------------------------------------------------------
-    def _engine_priority(self, st: _Req, pull: Pull) -> int:
-        """The priority the engine sees: the Pull's, which the core sets to the class priority for
-        a policy that schedules in the engine by priority (traits.engine_scheduling: qlm,
-        priority, flow-control) and to 0 for the others, exactly as qlm-eval's engines see it."""
-        return pull.priority
-
     def _engine_fields(self, st: _Req, priority: int) -> dict[str, Any]:
         p = st.rr.params
         sampling = p.sampling.as_vllm_dict()
