@@ -12,7 +12,7 @@ SOAK_ARGS ?= --minutes 30
 
 .PHONY: setup setup-vllm serve serve-vllm test test-fast lint typecheck unit integration test-vllm \
         test-slow eval loadtest soak bench-planner bench-router bench-realtime bench-fidelity calibrate \
-        bench-overload bench-calibration eval-dev eval-report fmt clean
+        bench-overload bench-calibration eval-dev eval-report docs-images fmt clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -104,6 +104,10 @@ bench-fidelity: setup setup-vllm
 
 calibrate: setup setup-vllm
 	$(BIN)/qlm-bench calibrate
+
+# The drawn figures of the docs (docs/img/architecture.png, README's diagram): qlm_backend/docs_images.py.
+docs-images: setup
+	$(BIN)/python -m qlm_backend.docs_images
 
 fmt: setup
 	$(BIN)/ruff format qlm_backend tests clients loadtest model_repository

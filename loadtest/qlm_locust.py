@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
 
 from qlm_backend.client import GrpcClient, HttpClient, Request, Result  # noqa: E402
 from qlm_backend.core.slo import DEFAULT_SLO_CLASSES  # noqa: E402
+from qlm_backend.stats import percentile  # noqa: E402
 
 SLO_S = {c.name: c.ttft_slo_s for c in DEFAULT_SLO_CLASSES}
 
@@ -217,13 +218,6 @@ class QlmUser(User):
 
 
 # --- the report ------------------------------------------------------------------------------
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    ys = sorted(xs)
-    return ys[min(len(ys) - 1, int(round(q * (len(ys) - 1))))]
-
-
 def report_dict() -> dict[str, Any]:
     classes = {}
     tot = {"sent": 0, "completed": 0, "errors": 0, "lost": 0, "abandoned": 0, "attained": 0}
@@ -239,10 +233,10 @@ def report_dict() -> dict[str, Any]:
             "attained": s.attained,
             # Over every request sent but those Locust abandoned: an error or a loss is a miss.
             "attainment": s.attained / (s.sent - s.abandoned) if s.sent > s.abandoned else None,
-            "ttft_p50_s": _pct(s.ttft_s, 0.5),
-            "ttft_p99_s": _pct(s.ttft_s, 0.99),
-            "e2e_p50_wall_s": _pct(s.e2e_s, 0.5),
-            "e2e_p99_wall_s": _pct(s.e2e_s, 0.99),
+            "ttft_p50_s": percentile(s.ttft_s, 50),
+            "ttft_p99_s": percentile(s.ttft_s, 99),
+            "e2e_p50_wall_s": percentile(s.e2e_s, 50),
+            "e2e_p99_wall_s": percentile(s.e2e_s, 99),
             "lost_examples": s.lost_examples,
         }
         for k in tot:

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
+from qlm_backend.contract import router_request_tensors
 
 Outcome = Literal["completed", "error", "lost"]
 DEFAULT_GRPC_URL = "127.0.0.1:8001"
@@ -134,25 +134,21 @@ class _Accumulator:
 # --- gRPC -------------------------------------------------------------------------------------
 def grpc_inputs(req: Request, module: Any) -> list[Any]:
     """The request as tritonclient InferInputs (`module`: tritonclient.grpc or .grpc.aio)."""
-    fields: list[tuple[str, np.ndarray, str]] = [
-        ("text_input", np.array([req.prompt.encode()], dtype=np.object_), "BYTES"),
-        ("stream", np.array([req.stream]), "BOOL"),
-        (
-            "sampling_parameters",
-            np.array([json.dumps(req.sampling_dict()).encode()], dtype=np.object_),
-            "BYTES",
-        ),
-        ("return_num_output_tokens", np.array([True]), "BOOL"),
-        ("return_finish_reason", np.array([True]), "BOOL"),
-    ]
+    fields: dict[str, Any] = {
+        "text_input": req.prompt,
+        "stream": bool(req.stream),
+        "sampling_parameters": json.dumps(req.sampling_dict()),
+        "return_num_output_tokens": True,
+        "return_finish_reason": True,
+    }
     if req.model is not None:
-        fields.append(("model", np.array([req.model.encode()], dtype=np.object_), "BYTES"))
+        fields["model"] = req.model
     if req.slo_class is not None:
-        fields.append(("slo_class", np.array([req.slo_class.encode()], dtype=np.object_), "BYTES"))
+        fields["slo_class"] = req.slo_class
     if req.ttft_slo_s is not None:
-        fields.append(("ttft_slo_s", np.array([float(req.ttft_slo_s)], dtype=np.float64), "FP64"))
+        fields["ttft_slo_s"] = float(req.ttft_slo_s)
     inputs = []
-    for name, arr, dtype in fields:
+    for name, arr, dtype in router_request_tensors(fields):
         inp = module.InferInput(name, list(arr.shape), dtype)
         inp.set_data_from_numpy(arr)
         inputs.append(inp)

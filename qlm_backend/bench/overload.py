@@ -39,6 +39,7 @@ from typing import Any
 from qlm_backend.client import AsyncGrpcClient, Request, Result
 from qlm_backend.core.slo import DEFAULT_SLO_CLASSES
 from qlm_backend.engine.perf import PerfModel
+from qlm_backend.stats import percentile
 from qlm_backend.triton.repository import add_fleet, uniform_instances
 from qlm_backend.triton.server import TritonServer, rss_bytes
 
@@ -221,13 +222,6 @@ def classify(s: Sent) -> str:
     return "error"
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    ys = sorted(xs)
-    return ys[min(len(ys) - 1, int(q * len(ys)))]
-
-
 def summarize(run: Run, a: argparse.Namespace) -> dict[str, Any]:
     slo = {c["name"]: c["ttft_slo_s"] for c in slo_classes(parse_kv(a.slo), a.sheddable)}
     out: dict[str, Any] = {}
@@ -258,9 +252,9 @@ def summarize(run: Run, a: argparse.Namespace) -> dict[str, Any]:
                 **{f"{k}_share": (v / n if n else None) for k, v in kinds.items()},
                 "attained": attained,
                 "attainment": attained / n if n else None,
-                "ttft_p50_sim_s": pct(ttfts, 0.5),
-                "ttft_p99_sim_s": pct(ttfts, 0.99),
-                "shed_answer_p50_wall_s": pct(shed_s, 0.5),
+                "ttft_p50_sim_s": percentile(ttfts, 50),
+                "ttft_p99_sim_s": percentile(ttfts, 99),
+                "shed_answer_p50_wall_s": percentile(shed_s, 50),
                 "shed_answer_max_wall_s": max(shed_s) if shed_s else None,
                 "errors": errors,
             }

@@ -21,14 +21,14 @@ import json
 import math
 import os
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from qlm_backend.core.api import ManagerConfig, QueueManager, parse_fleet
-from qlm_backend.core.planner import GlobalPlanner, SolverMode
+from qlm_backend.core.policies.qlm.planner import GlobalPlanner, SolverMode
+from qlm_backend.stats import percentile
 
 MODELS = ("mistral-7b", "llama-3-8b", "llama-2-13b")
 CLASSES = ("interactive", "batch-1", "batch-2")
@@ -76,11 +76,6 @@ def make_manager(queued: int, instances: int, seed: int = 1) -> QueueManager:
     return qm
 
 
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
 class _GcClock:
     """Collector time spent while it is running (gc.callbacks), to tell collector pauses apart
     from the planner's own work."""
@@ -121,9 +116,11 @@ def time_cell(qm: QueueManager, mode: SolverMode, reps: int, cap_s: float) -> di
                 break
     finally:
         gc.callbacks.remove(clock)
+    p50, p99 = percentile(times, 50), percentile(times, 99)
+    assert p50 is not None and p99 is not None  # the loop times at least one plan
     return {
-        "p50_ms": statistics.median(times) * 1e3,
-        "p99_ms": pct(times, 0.99) * 1e3,
+        "p50_ms": p50 * 1e3,
+        "p99_ms": p99 * 1e3,
         "runs": len(times),
         "paths": paths,
         "groups": groups,

@@ -31,6 +31,7 @@ from qlm_backend.core.slo import DEFAULT_SLO_CLASSES
 from qlm_backend.engine.perf import PerfModel
 from qlm_backend.eval.scenario import WorkloadRequest, build_workload, parse_scenario
 from qlm_backend.eval.traces import DEFAULT_TRACE, load_trace, window
+from qlm_backend.stats import percentile
 from qlm_backend.triton.repository import add_fleet
 from qlm_backend.triton.server import TritonServer
 
@@ -211,8 +212,8 @@ def summarize(run: Run, time_scale: float) -> dict[str, Any]:
                 "unfinished": unfinished,
                 "attained": met,
                 "attainment": met / len(mine) if mine else None,
-                "ttft_p50_s": ttfts[len(ttfts) // 2] if ttfts else None,
-                "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None,
+                "ttft_p50_s": percentile(ttfts, 50),
+                "ttft_p99_s": percentile(ttfts, 99),
                 "ttfts_s": ttfts,
             }
         out[p] = per

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qlm_backend.client import AsyncGrpcClient, Request, Result
+from qlm_backend.stats import percentile
 from qlm_backend.triton.repository import add_fleet, engine_model_name
 from qlm_backend.triton.server import TritonServer
 
@@ -45,11 +47,11 @@ class Phase:
         return [r for r in self.results if r.ok]
 
 
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    ys = sorted(xs)
-    return ys[min(len(ys) - 1, int(round(q * (len(ys) - 1))))]
+def ms_pct(xs_s: list[float], q: float) -> float:
+    """The q-th percentile (q in [0, 100], qlm_backend.stats) of `xs_s` seconds, in ms; NaN
+    without values (what the tables print, and what comparisons propagate)."""
+    p = percentile(xs_s, q)
+    return math.nan if p is None else p * 1e3
 
 
 def gap_s(r: Result) -> float | None:
@@ -122,13 +124,13 @@ def summarize(ph: Phase) -> dict[str, Any]:
         "wall_s": ph.wall_s,
         "tokens_per_s": sum(r.tokens for r in ok) / ph.wall_s if ph.wall_s else 0.0,
         "requests_per_s": len(ok) / ph.wall_s if ph.wall_s else 0.0,
-        "e2e_p50_ms": pct([r.total_s for r in ok], 0.5) * 1e3,
-        "e2e_p99_ms": pct([r.total_s for r in ok], 0.99) * 1e3,
-        "ttft_p50_ms": pct([r.ttft_s or 0.0 for r in ok], 0.5) * 1e3,
-        "ttft_p99_ms": pct([r.ttft_s or 0.0 for r in ok], 0.99) * 1e3,
-        "token_gap_p50_ms": pct(gaps, 0.5) * 1e3,
-        "router_queue_p50_ms": pct(queue, 0.5) * 1e3 if queue else None,
-        "router_queue_p99_ms": pct(queue, 0.99) * 1e3 if queue else None,
+        "e2e_p50_ms": ms_pct([r.total_s for r in ok], 50),
+        "e2e_p99_ms": ms_pct([r.total_s for r in ok], 99),
+        "ttft_p50_ms": ms_pct([r.ttft_s or 0.0 for r in ok], 50),
+        "ttft_p99_ms": ms_pct([r.ttft_s or 0.0 for r in ok], 99),
+        "token_gap_p50_ms": ms_pct(gaps, 50),
+        "router_queue_p50_ms": ms_pct(queue, 50) if queue else None,
+        "router_queue_p99_ms": ms_pct(queue, 99) if queue else None,
     }
 
 

@@ -32,6 +32,7 @@ from qlm_backend.engine.perf import PerfModel
 from qlm_backend.eval.scenario import build_workload, parse_scenario
 from qlm_backend.eval.traces import DEFAULT_TRACE, load_trace, window
 from qlm_backend.loadtest_runner import LOADTEST_DIR, ROOT, run_locust
+from qlm_backend.stats import percentile
 from qlm_backend.triton.repository import add_fleet, uniform_instances
 from qlm_backend.triton.server import TritonServer, rss_bytes
 
@@ -194,11 +195,11 @@ def ttft_windows(events_path: Path, t0: float, window_s: float, time_scale: floa
     for k in sorted({k for k, _ in buckets}):
         row: dict[str, Any] = {"t_start_s": k * window_s, "t_end_s": (k + 1) * window_s}
         for cls in CLASSES:
-            xs = sorted(buckets.get((k, cls), []))
+            xs = buckets.get((k, cls), [])
             row[cls] = {
                 "n": len(xs),
-                "p50_s": xs[len(xs) // 2] if xs else None,
-                "p99_s": xs[min(len(xs) - 1, int(0.99 * len(xs)))] if xs else None,
+                "p50_s": percentile(xs, 50),
+                "p99_s": percentile(xs, 99),
             }
         out.append(row)
     return out

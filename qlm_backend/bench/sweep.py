@@ -25,6 +25,7 @@ from qlm_backend.bench.real_engine import (
     trace_path,
 )
 from qlm_backend.engine.perf import PerfModel
+from qlm_backend.stats import percentile
 
 METRICS = ("ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "throughput_tok_s", "queue_mean_s")
 # Requests of a slice all sent within this many seconds: the capacity probe.
@@ -50,11 +51,6 @@ class SweepSpec:
         return cls(**{**d, "slices": tuple(d["slices"]), "loads": tuple(d["loads"])})
 
 
-def _pct(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
 def summarize(outs: Sequence[Outcome]) -> dict[str, float]:
     """TTFT p50/p99, mean time per output token after the first, completed tokens per second of
     the run (first arrival to last token: below the offered load in overload), mean queueing."""
@@ -62,9 +58,11 @@ def summarize(outs: Sequence[Outcome]) -> dict[str, float]:
     tpot = [(o.e2e_s - o.ttft_s) / (o.output_tokens - 1) for o in outs if o.output_tokens > 1]
     start = min(o.arrival_s for o in outs)
     end = max(o.arrival_s + o.e2e_s for o in outs)
+    p50, p99 = percentile(ttft, 50), percentile(ttft, 99)
+    assert p50 is not None and p99 is not None  # outs is not empty: min() above would raise
     return {
-        "ttft_p50_s": _pct(ttft, 0.5),
-        "ttft_p99_s": _pct(ttft, 0.99),
+        "ttft_p50_s": p50,
+        "ttft_p99_s": p99,
         "tpot_mean_s": statistics.fmean(tpot),
         "throughput_tok_s": sum(o.output_tokens for o in outs) / (end - start),
         "queue_mean_s": statistics.fmean(o.queue_s for o in outs),

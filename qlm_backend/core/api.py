@@ -47,15 +47,9 @@ from qlm_backend.core.manager import (
     RequestView,
     check_invariants,
 )
+from qlm_backend.core.plan import Plan, PlanContext, QueueEntry
 from qlm_backend.core.policies import POLICIES, POLICY_NAMES, make_policy, validate_policy_name
-from qlm_backend.core.policies.base import (
-    Plan,
-    PlanContext,
-    Policy,
-    PolicyName,
-    PolicyTraits,
-    QueueEntry,
-)
+from qlm_backend.core.policies.base import Policy, PolicyName, PolicyTraits
 from qlm_backend.core.request import Request, Status
 from qlm_backend.core.slo import DEFAULT_SLO_CLASSES, SloClass
 

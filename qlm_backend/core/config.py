@@ -31,7 +31,9 @@ class ManagerConfig:
     arrival_batch: int = 32  # full replan once this many arrivals are unplanned ...
     arrival_batch_s: float = 0.05  # ... or the oldest unplanned arrival is this old
     # --- planner --------------------------------------------------------------------------
-    plan_budget_s: float = 0.050  # wall budget for the LP path (DESIGN.md: 50 ms default)
+    plan_budget_s: float = (
+        0.050  # wall budget for the LP path (docs/triton-vllm-facts.md section 10)
+    )
     # What the budget counts. "wall": the planner's measured compute time (the router: a decision
     # must not hold the loop). "work": only the LP time model's prediction from the problem's size,
     # and the solver is never cut by the clock, so a simulation decides the same on a busy machine
@@ -48,9 +50,9 @@ class ManagerConfig:
     # machine (2026-11-25, the qlm-bench planner grid, 15 runs each): 11.6k nonzeros (10k queued x
     # 256 instances) 25-32 ms p50, 60 ms max (model: 57 ms); 3.0-3.5k nonzeros (100 and 1k queued)
     # 3-7 ms p50, 4-16 ms max (model: 8-10 ms). The old linear 6e-7 s/nnz predicted 10 ms for the
-    # 11.6k LP, so it was tried and overran the budget. Since the reduced LP (core/lp_compact.py;
-    # no presolve, primal simplex from a feasible start), 2026-12-02, same machine with another
-    # process busy, 10 plans each: 11.6k nonzeros 17.9 ms p50 / 18.4 ms p99 (model: 34 ms, so with
+    # 11.6k LP, so it was tried and overran the budget. Since the reduced LP
+    # (core/policies/qlm/lp_compact.py; no presolve, primal simplex from a feasible start),
+    # 2026-12-02, same machine with another process busy, 10 plans each: 11.6k nonzeros 17.9 ms p50 / 18.4 ms p99 (model: 34 ms, so with
     # the per-group reserve the LP now decides at 10k x 256); 3.2k 3.9 / 4.9 ms (model: 5.5 ms);
     # 100k queued x 256 (~100k nonzeros) 120 ms (model: 1.6 s: the heuristic decides).
     lp_s_per_nonzero: float = 1.2e-6
@@ -123,7 +125,7 @@ class ManagerConfig:
     # says resume="recompute" and its accounting matches what really happens.
     kv_swap_resume: bool = True
     # A swap away from a model with queued work happens only if the plan that swaps beats the one
-    # that keeps the incumbent by this many weighted violations (hysteresis, DESIGN.md section 8:
+    # that keeps the incumbent by this many weighted violations (hysteresis, docs/triton-vllm-facts.md section 12:
     # 5 models on 3 slots thrashed 692 times without it).
     swap_hysteresis: float = 1.0
     min_resident_s: float = 10.0  # a freshly loaded model stays at least this long if it has work

@@ -38,7 +38,7 @@ from qlm_backend.engine.perf import PerfModel
 
 if TYPE_CHECKING:
     from qlm_backend.core.instances import InstanceState
-    from qlm_backend.core.policies.base import PlanContext, QueueEntry
+    from qlm_backend.core.plan import PlanContext, QueueEntry
 
 ENGINE_MAX_SEQS = 256  # vLLM's default max_num_seqs: the batch bound of an unbounded (push) policy
 DEFAULT_PROMPT_TOKENS = 512.0

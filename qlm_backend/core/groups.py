@@ -1,6 +1,6 @@
 """Request groups: queued requests of one model and SLO class whose deadlines fall in one window.
 
-The planner decides per group, not per request, which keeps the LP small (DESIGN.md section 1). A
+The planner decides per group, not per request, which keeps the LP small (docs/triton-vllm-facts.md section 11). A
 group holds only QUEUED requests, kept in deadline order; it splits into a new part when it grows past
 `max_size`, so one burst can be spread over several instances. Group ids are stable while the group
 lives: `model/class/window/part`.

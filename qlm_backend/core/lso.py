@@ -33,7 +33,8 @@ from qlm_backend.core.actions import (
     SwapModel,
 )
 from qlm_backend.core.instances import InstanceState
-from qlm_backend.core.policies.base import Plan, PlanContext, PolicyTraits, QueueEntry
+from qlm_backend.core.plan import Plan, PlanContext, QueueEntry
+from qlm_backend.core.policies.base import PolicyTraits
 from qlm_backend.core.request import RequestState, Status
 
 # vLLM's default CPU swap space per GPU (swap_space=4 GiB): larger KV caches must be recomputed.

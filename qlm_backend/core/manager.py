@@ -30,8 +30,9 @@ from qlm_backend.core.fleet import FleetConfig
 from qlm_backend.core.groups import GroupIndex
 from qlm_backend.core.instances import InstanceState, WarmSet
 from qlm_backend.core.lso import execute_plan
+from qlm_backend.core.plan import Plan, PlanContext, QueueEntry
 from qlm_backend.core.policies import POLICIES, make_policy, validate_policy_name
-from qlm_backend.core.policies.base import Plan, PlanContext, Policy, QueueEntry
+from qlm_backend.core.policies.base import Policy
 from qlm_backend.core.request import Request, RequestState, Status
 from qlm_backend.core.slo import SloClass, index_classes
 

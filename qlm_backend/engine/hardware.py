@@ -197,7 +197,7 @@ MODELS: dict[str, ModelSpec] = {
 
 # Efficiency factors of the roofline (perf.py) and the sources they are checked against.
 # Decode: Llama-3.1-8B on A100-40GB decodes ~75 tok/s at batch 1, ~77% of the bandwidth roofline
-# (third-party measurement, DESIGN.md section 8).
+# (third-party measurement, docs/triton-vllm-facts.md section 15).
 DECODE_BANDWIDTH_EFFICIENCY = 0.77
 # Prefill: TensorRT-LLM publishes LLaMA-7B batch-1 first-token latency of 16 ms (128 tokens) and
 # 133 ms (2048 tokens) on A100 FP16; 0.65 MFU reproduces the long-prompt figure within 5%.

@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from qlm_backend.core.fleet import FleetConfig
-from qlm_backend.core.lp import reset_highs_scheduler, silence_highs_banner
+from qlm_backend.core.highs import reset_highs_scheduler, silence_highs_banner
 from qlm_backend.core.slo import SloClass
 from qlm_backend.engine.hardware import KV_BLOCK_TOKENS
 from qlm_backend.engine.perf import PerfModel

@@ -30,9 +30,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from qlm_backend.stats import percentile
+
 if TYPE_CHECKING:
     from qlm_backend.core.actions import Action
-    from qlm_backend.core.policies.base import Plan, PlanContext
+    from qlm_backend.core.plan import Plan, PlanContext
 
 PointKind = Literal["planned", "pulled"]
 POINT_KINDS: tuple[PointKind, ...] = ("planned", "pulled")
@@ -164,10 +166,6 @@ def bucket_label(lo: int, hi: int | None) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def _pct(xs: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(xs, q)) if len(xs) else None
-
-
 def position_errors(
     positions: Sequence[int],
     errors_s: Sequence[float],
@@ -193,11 +191,11 @@ def position_errors(
             PositionError(
                 bucket_label(lo, hi),
                 len(sel),
-                _pct(absolute, 50),
-                _pct(absolute, 90),
-                _pct(signed, 50),
-                _pct(signed, 90),
-                _pct(rel, 50),
+                percentile(absolute, 50),
+                percentile(absolute, 90),
+                percentile(signed, 50),
+                percentile(signed, 90),
+                percentile(rel, 50),
             )
         )
     return out
@@ -229,9 +227,9 @@ def summarize(scored: Sequence[Scored]) -> dict[str, Any]:
         "met_share": (sum(ys) / len(ys)) if ys else None,
         "brier": brier(probs, ys),
         "brier_base_rate": base_rate_brier(ys),
-        "abs_err_p50_s": _pct([abs(e) for e in errs], 50),
+        "abs_err_p50_s": percentile([abs(e) for e in errs], 50),
         "signed_err_mean_s": float(np.mean(errs)) if errs else None,
-        "rel_abs_err_p50": _pct(
+        "rel_abs_err_p50": percentile(
             [abs(e) / w for e, w in zip(errs, waits, strict=True) if w > 1e-3], 50
         ),
         "reliability": [b.__dict__ for b in reliability(probs, ys)],
@@ -274,7 +272,7 @@ class ForecastRecorder:
 
     def _record(self, plan: Plan, ctx: PlanContext, actions: list[Action], now: float) -> None:
         from qlm_backend.core.actions import Evict, Pull
-        from qlm_backend.core.policies.base import QueueEntry
+        from qlm_backend.core.plan import QueueEntry
         from qlm_backend.core.request import Status
 
         pulls = {

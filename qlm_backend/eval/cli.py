@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qlm_backend.core.lp import silence_highs_banner
+from qlm_backend.core.highs import silence_highs_banner
 from qlm_backend.core.policies import POLICY_NAMES
 from qlm_backend.eval import generate as gen
 from qlm_backend.eval.load import (

@@ -11,7 +11,8 @@ Definitions (so that numbers are comparable across policies):
   arrival to the last completion; every policy serves the same window to the end (drain), so a
   policy that wastes GPU time (thrashing swaps, recompute) takes longer and scores lower.
 - Goodput: requests that met their SLO per second of makespan.
-- TTFT percentiles are over the requests that got a first token (`served` says how many).
+- TTFT percentiles are over the requests that got a first token (`served` says how many); every
+  percentile interpolates linearly between the closest ranks (qlm_backend/stats.py).
 - GPU busy share: engine iteration time x GPUs of the instance over GPUs x makespan (model loads
   are not busy time: the GPU serves nothing meanwhile).
 """
@@ -21,13 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from qlm_backend.eval.simulator import SimResult
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
+from qlm_backend.stats import percentile
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:
@@ -86,17 +82,18 @@ def summarize(
         per_class[c] = {
             "requests": tot,
             "slo_attainment": _r(met / tot if tot else None),
-            "ttft_p50_s": _r(_pct(ttfts[c], 50), 3),
-            "ttft_p99_s": _r(_pct(ttfts[c], 99), 3),
+            "ttft_p50_s": _r(percentile(ttfts[c], 50), 3),
+            "ttft_p99_s": _r(percentile(ttfts[c], 99), 3),
             "served": len(ttfts[c]),
-            "router_wait_p50_s": _r(_pct(waits.get(c, ([], []))[0], 50), 3),
-            "engine_queue_p50_s": _r(_pct(waits.get(c, ([], []))[1], 50), 3),
+            "router_wait_p50_s": _r(percentile(waits.get(c, ([], []))[0], 50), 3),
+            "engine_queue_p50_s": _r(percentile(waits.get(c, ([], []))[1], 50), 3),
         }
     cnt = res.counters
     core = res.core_counters
     lso = {
-        "pulls": cnt.get("pulls", 0),
-        "evictions": cnt.get("evictions", 0),
+        # The executor's LSO counts (router/executor.py), as the router's qlm_lso_total counts them.
+        "pulls": cnt.get("pull", 0),
+        "evictions": cnt.get("evict", 0) + cnt.get("evict_swap", 0),
         "kv_swaps_out": cnt.get("kv_swap_out", 0),
         "kv_swaps_in": cnt.get("kv_swap_in", 0),
         "resumes_recompute": cnt.get("resume_recompute", 0),
@@ -106,9 +103,9 @@ def summarize(
             if cnt.get("resume_tokens")
             else None
         ),
-        "model_swaps_warm": cnt.get("model_swaps_warm", 0),
-        "model_swaps_cold": cnt.get("model_swaps_cold", 0),
-        "rebalances": cnt.get("rebalances", 0),
+        "model_swaps_warm": cnt.get("swap_model_warm", 0),
+        "model_swaps_cold": cnt.get("swap_model_cold", 0),
+        "rebalances": cnt.get("rebalance", 0),
         "keep_warm": cnt.get("keep_warm", 0),
         "release": cnt.get("release", 0),
         "rejected": outcomes.get("rejected", 0),
@@ -141,10 +138,10 @@ def summarize(
         "gpu_busy_share": _r(res.busy_gpu_s / (res.gpus * makespan)),
         "per_class": per_class,
         "lso": lso,
-        "planner_ms_p50": _r(_pct(plan_ms, 50), 3),
-        "planner_ms_p99": _r(_pct(plan_ms, 99), 3),
-        "planner_full_ms_p50": _r(_pct(full_ms, 50), 3),
-        "planner_full_ms_p99": _r(_pct(full_ms, 99), 3),
+        "planner_ms_p50": _r(percentile(plan_ms, 50), 3),
+        "planner_ms_p99": _r(percentile(plan_ms, 99), 3),
+        "planner_full_ms_p50": _r(percentile(full_ms, 50), 3),
+        "planner_full_ms_p99": _r(percentile(full_ms, 99), 3),
         "plan_calls": len(plan_ms),
         "full_plans": len(full_ms),
         "lp_plans": core.get("path_lp", 0),

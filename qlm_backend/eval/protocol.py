@@ -92,7 +92,7 @@ def run_unit(
     case: Case, seed: int, loads: Sequence[float], max_requests: int, out: Path
 ) -> dict[str, Any]:
     """Every load of one (case, seed); writes and returns the unit's JSON object."""
-    from qlm_backend.core.lp import silence_highs_banner
+    from qlm_backend.core.highs import silence_highs_banner
     from qlm_backend.eval.load import (
         OfferedCapacity,
         cached_measured_capacity,

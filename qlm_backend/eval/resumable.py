@@ -1,7 +1,7 @@
 """The simulated engine plus the two things an evicted request needs that SimEngine has no API for.
 
 QLM's eviction takes a request out of the engine and queues it again in the router; with KV swap
-(GPU-CPU state swapping, DESIGN.md section 1) its KV cache waits in host memory and comes back over
+(GPU-CPU state swapping, docs/triton-vllm-facts.md section 13) its KV cache waits in host memory and comes back over
 PCIe when the request is pulled again on the same instance, instead of re-running the prefill of
 prompt + tokens already produced. SimEngine models that path only for its own preemptions, so this
 subclass adds, with the same costs SimEngine charges there (PerfModel.kv_swap_s):

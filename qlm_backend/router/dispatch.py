@@ -1,6 +1,6 @@
 """One dispatcher for local and remote engines: tritonclient's gRPC asyncio streaming.
 
-Measured on Triton 2.51 (DESIGN.md section 7): BLS `async_exec(decoupled=True)` returns a blocking
+Measured on Triton 2.51 (docs/triton-vllm-facts.md section 1): BLS `async_exec(decoupled=True)` returns a blocking
 iterator and cannot cancel its child request, so eviction and client cancellation would not stop the
 engine. A gRPC aio stream to the engine's server (this server over loopback, or another server)
 streams concurrently and its `cancel()` reaches the engine's `is_cancelled()` within a step. The same
@@ -11,47 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import numpy as np
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from qlm_backend.triton.repository import engine_config_dict
-
-
-class EngineError(RuntimeError):
-    """The engine or its server failed (not the client's fault); `unavailable` when it is gone."""
-
-    def __init__(self, message: str, unavailable: bool) -> None:
-        super().__init__(message)
-        self.unavailable = unavailable
-
-
-@dataclass(frozen=True)
-class EngineChunk:
-    text: str
-    num_output_tokens: int
-    finish_reason: str | None  # set on the engine's final response
-    extras: dict[str, np.ndarray] = field(default_factory=dict)  # other outputs, passed through
-
-
-PASS_THROUGH = ("cumulative_logprob", "logprobs", "num_input_tokens")
-
-
-def _tensor(name: str, value: Any) -> InferInput:
-    if isinstance(value, bool):
-        arr, dtype = np.array([value], dtype=bool), "BOOL"
-    elif isinstance(value, int):
-        arr, dtype = np.array([value], dtype=np.int32), "INT32"
-    else:
-        arr, dtype = np.array([str(value).encode()], dtype=np.object_), "BYTES"
-    t = InferInput(name, [1], dtype)
-    t.set_data_from_numpy(arr)
-    return t
+from qlm_backend.contract import ROUTER_PASS_THROUGH, engine_request_tensors
+from qlm_backend.router.executor import Chunk
+from qlm_backend.router.stream_driver import EngineError
 
 
 class EngineStream:
@@ -61,17 +30,20 @@ class EngineStream:
         self,
         client: grpcaio.InferenceServerClient,
         model: str,
-        fields: dict[str, Any],
+        fields: Mapping[str, Any],
         request_id: str,
     ):
         self._done = asyncio.Event()
+        # Built here, from the contract's engine table: a bad field is the caller's error, raised
+        # at once, not an engine stream failure later.
+        inputs = []
+        for name, arr, dtype in engine_request_tensors(fields):
+            t = InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(arr)
+            inputs.append(t)
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {
-                "model_name": model,
-                "inputs": [_tensor(k, v) for k, v in fields.items()],
-                "request_id": request_id,
-            }
+            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
             # Keep the request side open until the response side ends: closing it early would
             # half-close the stream, which some servers treat as the end of the request.
             await self._done.wait()
@@ -83,7 +55,7 @@ class EngineStream:
         self._done.set()
         self._it.cancel()
 
-    async def chunks(self) -> AsyncIterator[EngineChunk]:
+    async def chunks(self) -> AsyncIterator[Chunk]:
         try:
             async for result, error in self._it:
                 if error is not None:
@@ -97,11 +69,11 @@ class EngineStream:
                     fr = r.decode() if isinstance(r, bytes) else str(r)
                     fr = None if fr == "None" else fr
                 extras = {}
-                for name in PASS_THROUGH:
+                for name in ROUTER_PASS_THROUGH:
                     arr = result.as_numpy(name)
                     if arr is not None:
                         extras[name] = arr
-                chunk = EngineChunk(
+                chunk = Chunk(
                     b"".join(text.reshape(-1)).decode("utf-8", "replace")
                     if text is not None
                     else "",
@@ -150,16 +122,15 @@ class EngineServer:
         # The model repository API may be restricted (Triton's --grpc-restricted-protocol).
         self.headers = admin_headers
 
-    def stream(self, model: str, fields: dict[str, Any], request_id: str) -> EngineStream:
+    def stream(self, model: str, fields: Mapping[str, Any], request_id: str) -> EngineStream:
         return EngineStream(self.client, model, fields, request_id)
 
-    async def load(self, model: str, parameters: dict[str, str] | None = None) -> None:
-        """Load an engine model; `parameters` (simulated engines only) ride on a config override."""
-        if parameters is None:
+    async def load(self, model: str, config: Mapping[str, Any] | None = None) -> None:
+        """Load an engine model, with `config` overriding its config.pbtxt if given."""
+        if config is None:
             await self.client.load_model(model, headers=self.headers)
             return
-        config = json.dumps(engine_config_dict(model, parameters))
-        await self.client.load_model(model, config=config, headers=self.headers)
+        await self.client.load_model(model, config=json.dumps(config), headers=self.headers)
 
     async def unload(self, model: str) -> None:
         await self.client.unload_model(model, headers=self.headers)

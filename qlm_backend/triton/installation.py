@@ -1,10 +1,11 @@
 """Find a tritonserver to run: the system one (Triton's containers) or the one in the pytriton wheel.
 
 The `nvidia-pytriton` wheel bundles a real tritonserver 2.51 with the Python backend and stubs for
-CPython 3.8-3.13. Running it outside pytriton needs (DESIGN.md section 7): the stub for the running
-interpreter next to libtriton_python.so in a backend directory, LD_LIBRARY_PATH with the wheel's
-bundled libraries and this interpreter's LIBDIR (else the stub may load the system libpython and
-multiprocessing breaks), and this venv's bin first on PATH so model.py imports the venv's packages.
+CPython 3.8-3.13. Running it outside pytriton needs (docs/triton-vllm-facts.md section 2): the
+stub for the running interpreter next to libtriton_python.so in a backend directory,
+LD_LIBRARY_PATH with the wheel's bundled libraries and this interpreter's LIBDIR (else the stub may
+load the system libpython and multiprocessing breaks), and this venv's bin first on PATH so
+model.py imports the venv's packages.
 """
 
 from __future__ import annotations

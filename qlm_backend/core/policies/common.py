@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 
 from qlm_backend.core.estimator import normal_cdf
 from qlm_backend.core.instances import InstanceState
-from qlm_backend.core.policies.base import PlanContext, QueueEntry
+from qlm_backend.core.plan import PlanContext, QueueEntry
 from qlm_backend.core.request import RequestState, Status
 
 

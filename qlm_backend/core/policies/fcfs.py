@@ -14,7 +14,8 @@ import itertools
 from typing import Literal
 
 from qlm_backend.core.decisions import PlanDecision
-from qlm_backend.core.policies.base import Plan, PlanContext, PolicyTraits, QueueEntry
+from qlm_backend.core.plan import Plan, PlanContext, QueueEntry
+from qlm_backend.core.policies.base import PolicyTraits
 from qlm_backend.core.policies.common import designate, entries_from, queued_states, serving
 from qlm_backend.core.request import Request, RequestState
 

@@ -49,7 +49,8 @@ from dataclasses import dataclass, replace
 from qlm_backend.core.decisions import PlanDecision
 from qlm_backend.core.estimator import ENGINE_MAX_SEQS
 from qlm_backend.core.instances import InstanceState
-from qlm_backend.core.policies.base import Plan, PlanContext, PolicyTraits, QueueEntry
+from qlm_backend.core.plan import Plan, PlanContext, QueueEntry
+from qlm_backend.core.policies.base import PolicyTraits
 from qlm_backend.core.policies.common import designate, entries_from, queued_states, serving
 from qlm_backend.core.request import Request, RequestState
 

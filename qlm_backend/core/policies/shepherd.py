@@ -12,7 +12,7 @@ LLM serving, class-agnostic as SHEPHERD is.
 
 from __future__ import annotations
 
-from qlm_backend.core.policies.base import PlanContext, QueueEntry
+from qlm_backend.core.plan import PlanContext, QueueEntry
 from qlm_backend.core.policies.common import p_meet_at, victims
 from qlm_backend.core.policies.edf import EdfPolicy
 from qlm_backend.core.request import RequestState

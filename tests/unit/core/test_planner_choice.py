@@ -13,8 +13,8 @@ from conftest import make_fleet, make_request
 from qlm_backend.core.actions import Evict, Pull
 from qlm_backend.core.api import ManagerConfig, QueueManager
 from qlm_backend.core.fleet import parse_fleet
-from qlm_backend.core.lp import bucket_ends, build_matrix, round_solution
-from qlm_backend.core.problem import Problem
+from qlm_backend.core.policies.qlm.lp import bucket_ends, build_matrix, round_solution
+from qlm_backend.core.policies.qlm.problem import Problem
 
 
 def _three_queued(cfg: ManagerConfig) -> QueueManager:
@@ -155,8 +155,8 @@ def test_hopeless_work_waits_behind_meetable_work_but_ahead_of_far_deadlines() -
     # Default: b1 first (it can still be met), then late (bounded lateness: it does not wait for
     # work that can wait), then b2. With hopeless_before_slack_s = inf (pure attainment) the late
     # request goes last, behind even the hour-away batch work.
-    from qlm_backend.core.ordering import order_queue
-    from qlm_backend.core.policies.base import QueueEntry
+    from qlm_backend.core.plan import QueueEntry
+    from qlm_backend.core.policies.qlm.ordering import order_queue
 
     for cfg, want in (
         (ManagerConfig(), ["b1", "late", "b2"]),

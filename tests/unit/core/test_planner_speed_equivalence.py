@@ -11,7 +11,7 @@ import pytest
 from conftest import make_request
 
 from qlm_backend.core.groups import GroupIndex
-from qlm_backend.core.lp import (
+from qlm_backend.core.policies.qlm.lp import (
     LpModel,
     bucket_ends,
     build_matrix,
@@ -19,8 +19,8 @@ from qlm_backend.core.lp import (
     round_solution,
     solve_highspy,
 )
-from qlm_backend.core.lp_compact import CompactLp, build_compact
-from qlm_backend.core.problem import Problem, build_problem
+from qlm_backend.core.policies.qlm.lp_compact import CompactLp, build_compact
+from qlm_backend.core.policies.qlm.problem import Problem, build_problem
 
 
 def _random_problem(rng: np.random.Generator) -> Problem:

@@ -153,9 +153,9 @@ def test_lp_size_gate_at_the_planner_benchmark_sizes() -> None:
     # - 100k queued x 256: ~1,600 groups -> predicted over a second: straight to the fallback,
     #   without trying the LP first.
     from qlm_backend.bench.planner import make_manager
-    from qlm_backend.core.lp import bucket_ends, build_matrix, estimate_size
-    from qlm_backend.core.planner import GlobalPlanner
-    from qlm_backend.core.problem import build_problem
+    from qlm_backend.core.policies.qlm.lp import bucket_ends, build_matrix, estimate_size
+    from qlm_backend.core.policies.qlm.planner import GlobalPlanner
+    from qlm_backend.core.policies.qlm.problem import build_problem
 
     for queued, insts, path in ((1_000, 64, "lp"), (10_000, 256, "lp"), (100_000, 256, "fallback")):
         qm = make_manager(queued, insts)

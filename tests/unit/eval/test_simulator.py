@@ -122,3 +122,26 @@ def test_a_simulation_decides_the_same_however_slow_the_machine() -> None:
     key = [(r.req.request_id, r.outcome, r.first_token_s, r.finish_s) for r in fast.records]
     assert key == [(r.req.request_id, r.outcome, r.first_token_s, r.finish_s) for r in slow.records]
     assert fast.counters == slow.counters
+
+
+def test_the_simulator_carries_out_actions_through_the_routers_executor() -> None:
+    # wb swaps models and the qlm policy evicts: the executor's counts are the run's LSO counts.
+    from qlm_backend.eval.simulator import Simulation
+    from qlm_backend.router.executor import Executor
+
+    sc, wl = workload("wb", 150, 2.0)
+    sim = Simulation(sc.fleet, wl, SimSettings("qlm"))
+    res = sim.run()
+    assert type(sim.ex) is Executor
+    c = sim.ex.counters
+    finished = sum(r.outcome == "finished" for r in res.records)
+    assert c["attained"] + c["missed"] == finished > 0
+    assert c["rejected"] == sum(r.outcome == "rejected" for r in res.records)
+    met = sum(
+        r.outcome == "finished" and r.first_token_s is not None and r.first_token_s <= r.deadline_s
+        for r in res.records
+    )
+    assert c["attained"] == met
+    assert c["pull"] >= len(wl) - c["rejected"]
+    assert c["swap_model_warm"] + c["swap_model_cold"] == res.core_counters["swaps"] > 0
+    assert res.counters["pull"] == c["pull"]  # the simulation reports the executor's counts

@@ -9,8 +9,8 @@ import pytest
 from qlm_backend.contract import ContractError, parse_generate
 from qlm_backend.engine.config import EngineConfig, EngineConfigError, load_engine_config
 from qlm_backend.engine.tokens import count_prompt_tokens
-from qlm_backend.router.admission import parse_router_request
 from qlm_backend.router.config import RouterConfig, RouterConfigError, load_router_config
+from qlm_backend.router.request import parse_router_request
 
 MODELS = {"mistral-7b": 8192}
 CLASSES = {"interactive": 20.0, "batch-1": 60.0}

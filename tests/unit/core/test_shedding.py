@@ -1,5 +1,5 @@
-"""Admission under overload (core/admission.py): a sheddable request is refused where it would
-stand in the queue, with room kept for the classes above it."""
+"""Shedding under overload (core/policies/qlm/shedding.py): a sheddable request is refused where
+it would stand in the queue, with room kept for the classes above it."""
 
 from __future__ import annotations
 

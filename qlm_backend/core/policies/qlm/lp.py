@@ -12,7 +12,7 @@ buckets <= b, plus the instance's base load and the swaps it takes, fits before 
 serving another model (sum_b x[g,c,b] <= y[i,m_g]) and at most one swap per instance in the horizon.
 
 Small models are formulated in PuLP (readable, exportable) and solved with its HiGHS API; larger ones
-are built directly with highspy's matrix API: DESIGN.md section 7 measured PuLP's build as the
+are built directly with highspy's matrix API: docs/triton-vllm-facts.md section 10 measured PuLP's build as the
 bottleneck (32 ms at 1,600 columns vs 2 ms with highspy). What goes to highspy is the same LP with
 the columns and rows that cannot change its optimum taken out first (lp_compact.py), solved by the
 primal simplex from a feasible start; build_matrix keeps the full layout (PuLP, size estimates).
@@ -20,19 +20,17 @@ primal simplex from a feasible start; build_matrix keeps the full layout (PuLP, 
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from qlm_backend.core.heuristic import Assignment
-from qlm_backend.core.lp_compact import CompactLp, bucket_costs, build_compact
-from qlm_backend.core.problem import Problem
+from qlm_backend.core.highs import reset_highs_scheduler, silence_highs_banner
+from qlm_backend.core.policies.qlm.heuristic import Assignment
+from qlm_backend.core.policies.qlm.lp_compact import CompactLp, bucket_costs, build_compact
+from qlm_backend.core.policies.qlm.problem import Problem
 
 SOLVER_OK = "optimal"
 
@@ -215,70 +213,6 @@ def build_matrix(p: Problem, ends: np.ndarray, swap_penalty: float, rel_std: flo
     )
 
 
-_banner_silenced = False
-
-
-def _flush_c_stdio() -> None:
-    try:
-        ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):  # pragma: no cover - no C runtime handle (not Linux/macOS)
-        pass
-
-
-def silence_highs_banner() -> None:
-    """HiGHS (1.16) prints "Running HiGHS ... Copyright" on stdout when the first solver object of
-    the process is constructed, whatever output_flag says later (the option is only settable once
-    the object exists), so it landed in the router's server log and in CLI tables. The core builds
-    that first object itself with file descriptor 1 on /dev/null; later objects print nothing.
-    Idempotent and cheap after the first call; both solve paths (highspy and PuLP's HiGHS, which
-    constructs a highspy.Highs too) call it, so no caller has to."""
-    global _banner_silenced
-    if _banner_silenced:
-        return
-    _banner_silenced = True
-    try:
-        import highspy
-    except ImportError:  # pragma: no cover - the solver is a dependency; nothing to silence
-        return
-    # Pending output of Python and of C stdio goes to the real stdout first; only the banner is
-    # written while fd 1 points at /dev/null (it sits in C stdio's buffer when stdout is not a
-    # terminal, hence the flush before restoring).
-    try:
-        sys.stdout.flush()
-    except (AttributeError, ValueError):  # pragma: no cover - stdout replaced or closed
-        pass
-    _flush_c_stdio()
-    try:
-        saved = os.dup(1)
-    except OSError:  # pragma: no cover - no fd 1 at all: nothing can be printed either
-        highspy.Highs()
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
-            highspy.Highs()
-            _flush_c_stdio()
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
-def reset_highs_scheduler() -> bool:
-    """HiGHS keeps one thread scheduler per process, started by the first solve with that solve's
-    thread count; a later solve asking for another count fails at once ("scheduler has already
-    been initialized to use N threads", model status "Not Set", PuLP's "Not Solved"). Something
-    else in the process (a library, a capacity estimate) may have solved first with the default
-    count, so a solve that comes back unsolved resets the scheduler and runs once more; without
-    this every planner LP failed and the planner silently fell back. True if reset."""
-    try:
-        import highspy
-
-        highspy.Highs.resetGlobalScheduler(True)
-    except (ImportError, AttributeError):  # pragma: no cover - older highspy: nothing to reset
-        return False
-    return True
-
-
 def solve_highspy(
     m: LpModel | CompactLp, time_limit_s: float
 ) -> tuple[str, np.ndarray | None, float]:
@@ -287,7 +221,9 @@ def solve_highspy(
     silence_highs_banner()
     h = highspy.Highs()
     h.setOptionValue("output_flag", False)
-    h.setOptionValue("threads", 1)  # one core (DESIGN.md section 7); see reset_highs_scheduler
+    h.setOptionValue(
+        "threads", 1
+    )  # one core (docs/triton-vllm-facts.md section 10); see reset_highs_scheduler
     h.setOptionValue("time_limit", max(1e-4, time_limit_s))
     compact = isinstance(m, CompactLp)
     if compact:
@@ -498,10 +434,8 @@ __all__ = [
     "build_matrix",
     "estimate_size",
     "predict_lp_s",
-    "reset_highs_scheduler",
     "round_shares",
     "round_solution",
-    "silence_highs_banner",
     "solve_highspy",
     "solve_lp",
     "solve_pulp",

@@ -8,7 +8,7 @@ the capacity on whichever request is due first, whatever its class: a single-mod
 ordered class first (strict priority, as vLLM's priority scheduling does), and the order with fewer
 expected weighted violations is kept. Between blocks the incumbent (the model running now)
 goes first unless putting the most urgent other block first lowers the expected weighted violations
-by more than `swap_hysteresis` (DESIGN.md section 8: without hysteresis 5 models on 3 slots
+by more than `swap_hysteresis` (docs/triton-vllm-facts.md section 12: without hysteresis 5 models on 3 slots
 thrashed 692 times).
 """
 
@@ -19,7 +19,7 @@ from operator import itemgetter
 
 from qlm_backend.core.estimator import GroupForecast
 from qlm_backend.core.instances import InstanceState
-from qlm_backend.core.policies.base import PlanContext, QueueEntry
+from qlm_backend.core.plan import PlanContext, QueueEntry
 from qlm_backend.core.request import Request
 
 

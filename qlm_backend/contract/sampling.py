@@ -1,10 +1,8 @@
-"""The request contract of Triton's vLLM backend, decoded and validated without Triton.
+"""vLLM's sampling parameters, validated before they reach an engine.
 
-Engines (simulated and real vLLM) and the `qlm` router accept what Triton's vllm_backend accepts
-(its current release): `text_input`, optional `stream`, `exclude_input_in_output`,
-`sampling_parameters` (JSON) or the same keys as request parameters, and the `return_*` flags. We add
-an optional `priority` (INT32, lower is served first, vLLM's convention). The Triton glue hands this
-module plain numpy arrays and the request's parameters JSON; every error names its field.
+They come as the `sampling_parameters` JSON tensor or, as vllm_backend also allows, as request
+parameters. Unknown keys and out-of-range values are the client's error, named by their key,
+rather than something vLLM would reject (or silently default) deep inside the engine.
 """
 
 from __future__ import annotations
@@ -17,14 +15,7 @@ from typing import Any
 
 import numpy as np
 
-RETURN_FLAGS = (
-    "return_finish_reason",
-    "return_cumulative_logprob",
-    "return_logprobs",
-    "return_num_input_tokens",
-    "return_num_output_tokens",
-)
-BOOL_INPUTS = ("stream", "exclude_input_in_output", *RETURN_FLAGS)
+from qlm_backend.contract.values import ContractError, decode_text, scalar
 
 # vLLM SamplingParams fields (0.6 .. 0.11) plus Triton's lora_name. Unknown keys are an error, as in
 # vllm_backend, so a typo never silently falls back to a default.
@@ -67,14 +58,6 @@ RESERVED_PARAMETERS = frozenset(
 DEFAULT_MAX_TOKENS = 16  # vLLM's SamplingParams default
 
 
-class ContractError(ValueError):
-    """A client error in one field of the request."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-
-
 @dataclass(frozen=True)
 class Sampling:
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -112,38 +95,6 @@ class Sampling:
         if self.stop:
             d["stop"] = list(self.stop)
         return d
-
-
-@dataclass(frozen=True)
-class GenerateParams:
-    prompt: str
-    stream: bool
-    prepend_input: bool
-    sampling: Sampling
-    returns: frozenset[str]
-    priority: int = 0
-
-
-def _scalar(arr: np.ndarray | None, name: str) -> Any:
-    if arr is None:
-        return None
-    flat = np.asarray(arr).reshape(-1)
-    if flat.size != 1:
-        raise ContractError(name, f"expected exactly one element, got shape {list(np.shape(arr))}")
-    return flat[0]
-
-
-def _text(value: Any, name: str) -> str:
-    if isinstance(value, bytes | np.bytes_):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ContractError(
-                name, f"is not valid UTF-8 ({e.reason} at byte {e.start})"
-            ) from None
-    if isinstance(value, str):
-        return value
-    raise ContractError(name, f"must be a string, got {type(value).__name__}")
 
 
 def _int(d: Mapping[str, Any], key: str, lo: int, hi: int | None = None) -> int | None:
@@ -262,7 +213,7 @@ def sampling_source(
 ) -> dict[str, Any]:
     """The sampling dict: the JSON tensor if present, else the request parameters (as vllm_backend)."""
     if sampling_tensor is not None:
-        text = _text(_scalar(sampling_tensor, "sampling_parameters"), "sampling_parameters")
+        text = decode_text(scalar(sampling_tensor, "sampling_parameters"), "sampling_parameters")
         try:
             raw = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as e:
@@ -278,72 +229,3 @@ def sampling_source(
         return {}
     params = json.loads(parameters_json)
     return {k: v for k, v in params.items() if k not in RESERVED_PARAMETERS and k not in ignore}
-
-
-def parse_generate(
-    inputs: Mapping[str, np.ndarray | None],
-    parameters_json: str | None,
-    max_context_tokens: int | None = None,
-    count_tokens: Any = None,
-    ignore_parameters: frozenset[str] = frozenset(),
-    default_stream: bool = False,
-) -> GenerateParams:
-    """Validate one generate request. `count_tokens(text) -> int` checks the prompt against the context."""
-    raw_prompt = _scalar(inputs.get("text_input"), "text_input")
-    if raw_prompt is None:
-        raise ContractError("text_input", "is required")
-    prompt = _text(raw_prompt, "text_input")
-    if not prompt:
-        raise ContractError("text_input", "must not be empty")
-    flags = {k: _scalar(inputs.get(k), k) for k in BOOL_INPUTS}
-    for k, v in flags.items():
-        if v is not None and not isinstance(v, bool | np.bool_):
-            raise ContractError(k, f"must be BOOL, got {type(v).__name__}")
-    stream = bool(flags["stream"]) if flags["stream"] is not None else default_stream
-    exclude = flags["exclude_input_in_output"]
-    prepend = (not bool(exclude)) if exclude is not None else not stream
-    if prepend and stream:
-        raise ContractError("exclude_input_in_output", "must be true when streaming (stream=true)")
-    sampling = parse_sampling(
-        sampling_source(inputs.get("sampling_parameters"), parameters_json, ignore_parameters),
-        max_context_tokens,
-    )
-    if max_context_tokens is not None and count_tokens is not None:
-        n_prompt = count_tokens(prompt)
-        if n_prompt + sampling.max_tokens > max_context_tokens:
-            raise ContractError(
-                "text_input",
-                f"prompt ({n_prompt} tokens) + max_tokens ({sampling.max_tokens}) exceeds the "
-                f"model's context of {max_context_tokens} tokens",
-            )
-    prio = _scalar(inputs.get("priority"), "priority")
-    if prio is not None and not isinstance(prio, int | np.integer):
-        raise ContractError("priority", f"must be INT32, got {type(prio).__name__}")
-    returns = frozenset(k for k in RETURN_FLAGS if flags[k])
-    return GenerateParams(
-        prompt, stream, prepend, sampling, returns, int(prio) if prio is not None else 0
-    )
-
-
-def output_arrays(
-    returns: frozenset[str],
-    text: str,
-    finish_reason: str | None,
-    cumulative_logprob: float,
-    logprobs: str | None,
-    num_input_tokens: int,
-    num_output_tokens: int,
-) -> dict[str, np.ndarray]:
-    """One response's output tensors, named and typed as vllm_backend sends them."""
-    out = {"text_output": np.asarray([text.encode("utf-8")], dtype=np.object_)}
-    if "return_finish_reason" in returns:
-        out["finish_reason"] = np.asarray([str(finish_reason).encode()], dtype=np.object_)
-    if "return_cumulative_logprob" in returns:
-        out["cumulative_logprob"] = np.asarray([cumulative_logprob], dtype=np.float32)
-    if "return_logprobs" in returns:
-        out["logprobs"] = np.asarray([(logprobs or "null").encode()], dtype=np.object_)
-    if "return_num_input_tokens" in returns:
-        out["num_input_tokens"] = np.asarray([num_input_tokens], dtype=np.uint32)
-    if "return_num_output_tokens" in returns:
-        out["num_output_tokens"] = np.asarray([num_output_tokens], dtype=np.uint32)
-    return out

@@ -17,11 +17,11 @@ from typing import Literal
 from qlm_backend.core.decisions import PlanDecision, PlanPath
 from qlm_backend.core.estimator import GroupForecast
 from qlm_backend.core.groups import RequestGroup
-from qlm_backend.core.heuristic import Assignment, swap_aware_edf
-from qlm_backend.core.lp import estimate_size, predict_lp_s, solve_lp
-from qlm_backend.core.ordering import order_queue
-from qlm_backend.core.policies.base import PlanContext, QueueEntry
-from qlm_backend.core.problem import Problem, build_problem
+from qlm_backend.core.plan import PlanContext, QueueEntry
+from qlm_backend.core.policies.qlm.heuristic import Assignment, swap_aware_edf
+from qlm_backend.core.policies.qlm.lp import estimate_size, predict_lp_s, solve_lp
+from qlm_backend.core.policies.qlm.ordering import order_queue
+from qlm_backend.core.policies.qlm.problem import Problem, build_problem
 
 SolverMode = Literal["auto", "lp", "fallback"]
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from qlm_backend.core.admission import shed_reason
 from qlm_backend.core.estimator import GroupForecast
 from qlm_backend.core.instances import InstanceState
 from qlm_backend.core.lso import EngineLoad
-from qlm_backend.core.planner import GlobalPlanner, SolverMode
-from qlm_backend.core.policies.base import Plan, PlanContext, PolicyTraits, QueueEntry
+from qlm_backend.core.plan import Plan, PlanContext, QueueEntry
+from qlm_backend.core.policies.base import PolicyTraits
 from qlm_backend.core.policies.common import p_meet_at, prune_previous, steal_for_idle, victims
+from qlm_backend.core.policies.qlm.planner import GlobalPlanner, SolverMode
+from qlm_backend.core.policies.qlm.shedding import shed_reason
 from qlm_backend.core.request import Request, RequestState
 from qlm_backend.engine.perf import PerfModel
 
@@ -47,7 +48,7 @@ class QlmPolicy:
     def admit(self, req: Request, ctx: PlanContext, now: float) -> str | None:
         """Shed a sheddable request whose deadline cannot be met where it would stand in any
         queue (rejecting it at once beats letting it time out after occupying a slot, and keeps
-        an overload from burying the classes above it: core/admission.py)."""
+        an overload from burying the classes above it: shedding.py)."""
         return shed_reason(req, ctx, now)
 
     # ------------------------------------------------------------------ planning

@@ -2,7 +2,7 @@
 the base load of each instance. Shared by the LP and the fallback heuristic.
 
 Pruning: a group may only go to its k instances with the earliest estimated finish (base load +
-swap + its own work), which keeps the LP at G x k columns instead of G x I (DESIGN.md section 7).
+swap + its own work), which keeps the LP at G x k columns instead of G x I (docs/triton-vllm-facts.md section 11).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from qlm_backend.core.fleet import InstanceSpec
 from qlm_backend.core.groups import RequestGroup
 from qlm_backend.core.instances import InstanceState
-from qlm_backend.core.policies.base import PlanContext
+from qlm_backend.core.plan import PlanContext
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qlm_backend.core.problem import Problem
+from qlm_backend.core.policies.qlm.problem import Problem
 
 
 def _erf(x: np.ndarray) -> np.ndarray:

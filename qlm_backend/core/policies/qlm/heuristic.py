@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from qlm_backend.core.problem import Problem
+from qlm_backend.core.policies.qlm.problem import Problem
 
 Assignment = list[tuple[int, int, int]]  # (group index, instance index, number of requests)
 

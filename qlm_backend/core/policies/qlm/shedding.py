@@ -1,4 +1,4 @@
-"""Admission under overload: when would a new request get its first token if admitted now?
+"""QLM shedding under overload: when would a new request get its first token if admitted now?
 
 A sheddable request is refused at once when no instance can give it its first token by its deadline
 (P(meet) below `shed_p_threshold`). "Can" is judged where the request would really stand, not at
@@ -19,7 +19,7 @@ import math
 
 from qlm_backend.core.estimator import ServiceProfile, SlotClock
 from qlm_backend.core.instances import InstanceState
-from qlm_backend.core.policies.base import PlanContext
+from qlm_backend.core.plan import PlanContext
 from qlm_backend.core.policies.common import p_meet_at
 from qlm_backend.core.request import Request
 

@@ -1,8 +1,10 @@
 """Decode and validate one request to the `qlm` router, without Triton.
 
-The router accepts the vllm_backend contract plus QLM's fields: `model` (the logical model),
-`slo_class` (or a `ttft_slo_s` override). They may come as input tensors (HTTP generate puts JSON fields
-with these names into tensors) or as request parameters. Every error names its field.
+The router accepts the vllm_backend contract plus QLM's fields (contract.QLM_INPUTS): `model` (the
+logical model), `slo_class` (or a `ttft_slo_s` override). They may come as input tensors (HTTP
+generate puts JSON fields with these names into tensors) or as request parameters, so they are
+looked up in both. The model reads the tensors named by contract.ROUTER_INPUT_NAMES. Every error
+names its field.
 """
 
 from __future__ import annotations
@@ -16,16 +18,13 @@ from typing import Any
 import numpy as np
 
 from qlm_backend.contract import (
-    BOOL_INPUTS,
+    QLM_FIELDS,
     ContractError,
     GenerateParams,
-    _scalar,
-    _text,
+    decode_text,
     parse_generate,
+    scalar,
 )
-
-QLM_FIELDS = frozenset({"model", "slo_class", "ttft_slo_s"})
-ROUTER_INPUTS = ("text_input", "sampling_parameters", *BOOL_INPUTS, *sorted(QLM_FIELDS))
 
 
 @dataclass(frozen=True)
@@ -40,9 +39,9 @@ class RouterRequest:
 def _field(inputs: Mapping[str, np.ndarray | None], params: Mapping[str, Any], name: str) -> Any:
     arr = inputs.get(name)
     if arr is not None:
-        value = _scalar(arr, name)
+        value = scalar(arr, name)
         if isinstance(value, bytes | np.bytes_):
-            return _text(value, name)
+            return decode_text(value, name)
         return value.item() if isinstance(value, np.generic) else value
     return params.get(name)
 
@@ -64,7 +63,7 @@ def parse_router_request(
         params = {}
     text = inputs.get("text_input")
     if text is not None:
-        raw = _scalar(text, "text_input")
+        raw = scalar(text, "text_input")
         if isinstance(raw, bytes | np.bytes_) and len(raw) > max_prompt_bytes:
             raise ContractError(
                 "text_input", f"is {len(raw)} bytes; the limit is {max_prompt_bytes}"

@@ -1,0 +1,410 @@
+"""The executor: what happens to a request between the core's actions and the engines.
+
+One implementation for both places QLM runs: the `qlm` router (real time; engines reached through
+`router/stream_driver.py` over Triton gRPC streams) and qlm-eval's simulator (virtual time; engines
+are `SimEngine`s behind `eval/sim_driver.py`). The executor is synchronous and owns no clock: every
+call carries `now` in core seconds, and the driver reports back what engines did (`on_chunk`,
+`on_stream_error`, `on_loaded`, `on_load_failed`). It owns:
+
+- dispatch with generations: a Pull opens stream `<rid>.<gen>`; anything that moves the request on
+  (eviction, cancellation, failure, a newer Pull) bumps `gen`, so a stale stream's chunks and errors
+  are ignored and the driver is told to stop it;
+- eviction and exact resume: the request keeps the text and token count it produced; the driver
+  reopens it as prompt + text so far with `max_tokens` minus tokens produced (`Flight.text`,
+  `Flight.tokens_done`), and the client sees one continuous stream;
+- cancellation of queued and running requests (client gone, send failed, shutdown);
+- swaps and warm starts: a swap is warm only if the model is in the host's warm set, which KeepWarm
+  and Release maintain; an instance serves nothing between the swap and `on_loaded`;
+- engine failure: every request in flight on the instance queues again and the driver recovers it;
+- outcome accounting: every accepted request ends exactly once as attained / missed (first token
+  by its deadline or not), rejected, cancelled or failed, counted in `counters`.
+
+What the two drivers do differently (not shared, by nature): the stream driver runs each stream in
+an asyncio task and retries a failed instance's load with backoff; the simulation driver turns
+`SimEngine` token events into one-token chunks and models a host KV swap tier (eviction with
+resume "swap"), which real engines here do not have (the router resumes by recompute).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from qlm_backend.core.actions import (
+    Action,
+    Evict,
+    KeepWarm,
+    Pull,
+    Rebalance,
+    Reject,
+    Release,
+    SwapModel,
+)
+from qlm_backend.core.fleet import InstanceSpec
+from qlm_backend.core.manager import QueueManager
+from qlm_backend.core.request import Request
+
+Outcome = Literal["attained", "missed", "rejected", "cancelled", "failed"]
+OUTCOMES: tuple[Outcome, ...] = ("attained", "missed", "rejected", "cancelled", "failed")
+# Why a stream is stopped: the driver charges an eviction with KV swap, and only that, differently.
+StopKind = Literal["evict-recompute", "evict-swap", "cancel"]
+ErrorKind = Literal["invalid", "unavailable", "cancelled", "internal"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One engine response: new text and its token count; `finish_reason` on the last one."""
+
+    text: str
+    num_output_tokens: int
+    finish_reason: str | None
+    extras: Mapping[str, Any] = field(default_factory=dict)  # other outputs, passed through
+    scheduled_s: float | None = None  # virtual engines: when the engine first scheduled it
+
+
+class ClientSink(Protocol):
+    """Where a request's responses go (a Triton response sender, a simulation record)."""
+
+    def send(
+        self, flight: Flight, text: str, num_tokens: int, reason: str | None, final: bool
+    ) -> bool:
+        """Send one response; False if the client is gone (the executor then cancels)."""
+        ...
+
+    def error(self, message: str, kind: ErrorKind) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+class Driver(Protocol):
+    """How the executor reaches engines. Calls return at once; results come back as events."""
+
+    def open(self, flight: Flight, instance_id: str, priority: int, now: float) -> None:
+        """Start `flight` (resumed at flight.tokens_done) as stream `flight.stream_id`."""
+        ...
+
+    def stop(self, flight: Flight, stream_id: str, kind: StopKind, now: float) -> None:
+        """Stop stream `stream_id` of `flight` in its engine (a no-op if it already ended)."""
+        ...
+
+    def swap(
+        self, instance_id: str, from_model: str | None, to_model: str, warm: bool, now: float
+    ) -> None: ...
+
+    def recover(self, instance_id: str, model: str, now: float) -> None:
+        """Bring a failed instance back with `model` (retrying as the driver sees fit)."""
+        ...
+
+
+@dataclass(eq=False)
+class Flight:
+    """One accepted request, from admission to its outcome."""
+
+    rid: str
+    model: str
+    slo_class: str
+    arrival_s: float
+    deadline_s: float
+    prompt_tokens: int
+    max_tokens: int
+    stream: bool  # a response per chunk; else one response with the whole text at the end
+    payload: Any  # the front's request (RouterRequest, WorkloadRequest): drivers read it
+    sink: ClientSink
+    text: list[str] = field(default_factory=list)
+    tokens_done: int = 0
+    gen: int = 0
+    streaming: bool = False  # stream `stream_id` is open
+    instance: str | None = None  # of the current or last stream
+    pulled_s: float | None = None  # first Pull
+    token_pull_s: float | None = None  # the Pull that led to the first token
+    first_token_s: float | None = None
+    scheduled_s: float | None = None  # when the engine first scheduled it (where known)
+    evictions: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stream_id(self) -> str:
+        return f"{self.rid}.{self.gen}"
+
+
+def _quiet(*_: Any) -> None:
+    return None
+
+
+class Executor:
+    def __init__(
+        self,
+        qm: QueueManager,
+        driver: Driver,
+        instances: Sequence[InstanceSpec],
+        *,
+        on_outcome: Callable[[Flight, Outcome, float], None] = _quiet,
+        on_lso: Callable[[str, int], None] = _quiet,
+        wake: Callable[[], None] = _quiet,
+        log: Callable[[str, str], None] = _quiet,  # (level, message)
+    ) -> None:
+        self.qm, self.driver = qm, driver
+        self.on_outcome, self.on_lso, self.wake, self.log = on_outcome, on_lso, wake, log
+        self.flights: dict[str, Flight] = {}
+        self._streams: dict[str, Flight] = {}
+        self.counters: Counter[str] = Counter()
+        self.host_of = {s.instance_id: s.host for s in instances}
+        self.model_of: dict[str, str | None] = {s.instance_id: s.initial_model for s in instances}
+        self.loading: dict[str, str] = {}  # instance -> model being loaded (swap or recovery)
+        self.host_warm: dict[str, set[str]] = {}
+        self._cancel_cursor = 0
+
+    # ------------------------------------------------------------------ requests in
+    def admit(self, flight: Flight, req: Request, now: float) -> bool:
+        """Queue a request in the core, or end it at once as rejected (shed)."""
+        rej = self.qm.add_request(req, now)
+        if rej is not None:
+            self._lso("reject")
+            self._end(flight, "rejected", now, (f"request shed: {rej.reason}", "unavailable"))
+            return False
+        self.flights[flight.rid] = flight
+        self.wake()
+        return True
+
+    def is_live(self, stream_id: str) -> bool:
+        """Whether stream `stream_id` is still wanted (a driver checks before it opens one)."""
+        return stream_id in self._streams
+
+    # ------------------------------------------------------------------ the core's actions
+    def step(self, now: float) -> list[Action]:
+        actions = self.qm.plan(now)
+        for a in actions:
+            self.execute(a, now)
+        return actions
+
+    def execute(self, a: Action, now: float) -> None:
+        if isinstance(a, Pull):
+            self._pull(a, now)
+        elif isinstance(a, Evict):
+            self._evict(a, now)
+        elif isinstance(a, SwapModel):
+            self._swap(a, now)
+        elif isinstance(a, KeepWarm):
+            self.host_warm.setdefault(self.host_of[a.instance_id], set()).add(a.model)
+            self._lso("keep_warm")
+        elif isinstance(a, Release):
+            self.host_warm.get(self.host_of[a.instance_id], set()).discard(a.model)
+            self._lso("release")
+        elif isinstance(a, Rebalance):
+            self._lso("rebalance")
+        elif isinstance(a, Reject):
+            self._lso("reject")
+            f = self.flights.pop(a.request_id, None)
+            if f is not None:
+                self.qm.on_cancelled(f.rid, now)
+                self._end(f, "rejected", now, (f"request shed: {a.reason}", "unavailable"))
+
+    def _pull(self, a: Pull, now: float) -> None:
+        self._lso("pull", len(a.request_ids))
+        wrong: list[str] = []
+        for rid in a.request_ids:
+            f = self.flights.get(rid)
+            if f is None:
+                continue
+            if self.model_of.get(a.instance_id) != f.model:
+                wrong.append(rid)  # the instance does not (or no longer) serve its model
+                continue
+            if f.streaming:  # pulled while a stream is open: that stream is now stale
+                self._stop(f, "cancel", now)
+            f.gen += 1
+            f.instance, f.streaming = a.instance_id, True
+            if f.pulled_s is None:
+                f.pulled_s = now
+            if f.first_token_s is None:
+                f.token_pull_s = now
+            self._streams[f.stream_id] = f
+            self.driver.open(f, a.instance_id, a.priority, now)
+        if wrong:
+            self.counters["pull_to_wrong_model"] += len(wrong)
+            self.qm.on_dispatch_failed(wrong, a.instance_id, now)
+
+    def _evict(self, a: Evict, now: float) -> None:
+        self._lso("evict_swap" if a.resume == "swap" else "evict")
+        f = self.flights.get(a.request_id)
+        if f is None:
+            return
+        if not f.streaming:
+            self.counters["evict_not_in_engine"] += 1  # its stream ended before the eviction
+        f.evictions += 1
+        self._stop(f, "evict-swap" if a.resume == "swap" else "evict-recompute", now)
+        self.qm.on_evicted(f.rid, f.tokens_done, now)
+
+    def _swap(self, a: SwapModel, now: float) -> None:
+        iid = a.instance_id
+        if any(f.streaming and f.instance == iid for f in self.flights.values()):
+            self.counters["swap_on_busy_engine"] += 1
+        # Warm only if the weights really are in this host's memory (KeepWarm/Release say so).
+        warm = a.to_model in self.host_warm.get(self.host_of[iid], set())
+        if warm != a.warm:
+            self.counters["warm_flag_mismatch"] += 1
+        self._lso("swap_model_warm" if warm else "swap_model_cold")
+        self.model_of[iid] = None
+        self.loading[iid] = a.to_model
+        self.driver.swap(iid, a.from_model, a.to_model, warm, now)
+
+    # ------------------------------------------------------------------ engine events
+    def on_chunk(self, stream_id: str, ch: Chunk, now: float) -> bool:
+        """A response from stream `stream_id`; True if the planner should run again."""
+        f = self._streams.get(stream_id)
+        if f is None:
+            return False  # stale: evicted, cancelled or failed meanwhile
+        if ch.text:
+            f.text.append(ch.text)
+        f.tokens_done += ch.num_output_tokens
+        if ch.extras:
+            f.extras.update(ch.extras)
+        progressed = False
+        if f.first_token_s is None and ch.num_output_tokens > 0:
+            f.first_token_s, f.scheduled_s = now, ch.scheduled_s
+            self.qm.on_first_token(f.rid, now)
+            progressed = True
+        final = ch.finish_reason is not None
+        if f.stream and not f.sink.send(f, ch.text, ch.num_output_tokens, ch.finish_reason, final):
+            self._cancel(f, now, None)  # the client is gone: stop the engine's work too
+            return True
+        if final:
+            self._finish(f, ch.finish_reason, now)
+            return True
+        return progressed
+
+    def on_stream_error(
+        self,
+        stream_id: str,
+        message: str,
+        unavailable: bool,
+        now: float,
+        kind: ErrorKind = "internal",
+    ) -> bool:
+        """Stream `stream_id` failed: `unavailable` means its engine is gone (the request queues
+        again with what it produced); anything else fails the request with an error."""
+        f = self._streams.pop(stream_id, None)
+        if f is None:
+            return False
+        f.streaming = False
+        f.gen += 1
+        self.qm.on_tokens_done(f.rid, f.tokens_done, now)
+        if unavailable and f.instance is not None:
+            self.log("warn", f"{message}; re-queueing {f.rid}")
+            self._engine_failed(f.instance, f.model, now)
+        else:
+            self._fail(f, message, kind, now)
+        self.wake()
+        return True
+
+    def on_loaded(self, instance_id: str, model: str, now: float) -> bool:
+        self.loading.pop(instance_id, None)
+        self.model_of[instance_id] = model
+        self.qm.on_model_loaded(instance_id, model, now)
+        self.wake()
+        return True
+
+    def on_load_failed(self, instance_id: str, model: str, message: str, now: float) -> bool:
+        """A swap's load failed: the instance counts as failed and the driver recovers it."""
+        self.log("error", f"load of {model} on {instance_id} failed: {message}")
+        self.loading.pop(instance_id, None)
+        self._engine_failed(instance_id, model, now)
+        self.wake()
+        return True
+
+    def _engine_failed(self, instance_id: str, model: str, now: float) -> None:
+        model = self.model_of.get(instance_id) or model
+        for f in list(self.flights.values()):
+            if f.streaming and f.instance == instance_id:
+                self._stop(f, "cancel", now)  # the core queues them again, below
+        self.counters["engine_failures"] += 1
+        self.qm.on_engine_failed(instance_id, now)
+        self.model_of[instance_id] = None
+        if instance_id not in self.loading:
+            self.loading[instance_id] = model
+            self.driver.recover(instance_id, model, now)
+
+    # ------------------------------------------------------------------ clients
+    def cancel(self, rid: str, now: float, message: str | None = "Request was cancelled") -> bool:
+        """The client cancelled: stop the request wherever it is; `message` goes to the client."""
+        f = self.flights.get(rid)
+        if f is None:
+            return False
+        self._cancel(f, now, message)
+        return True
+
+    def poll_cancelled(self, now: float, window: int = 64) -> None:
+        """Ask sinks whether their clients cancelled: every running request each time and queued
+        ones in a rolling window (a sink's check may be an IPC round trip)."""
+        running = [f for f in self.flights.values() if f.streaming]
+        queued = [f for f in self.flights.values() if not f.streaming]
+        start = self._cancel_cursor % max(1, len(queued))
+        self._cancel_cursor = start + window
+        for f in running + queued[start : start + window]:
+            if f.sink.is_cancelled():
+                self._cancel(f, now, "Request was cancelled")
+
+    def shutdown(self, now: float, message: str) -> None:
+        for f in list(self.flights.values()):
+            self._cancel(f, now, None)
+            f.sink.error(message, "unavailable")
+
+    # ------------------------------------------------------------------ endings
+    def _stop(self, f: Flight, kind: StopKind, now: float) -> None:
+        if f.streaming:
+            sid = f.stream_id
+            self._streams.pop(sid, None)
+            f.streaming = False
+            self.driver.stop(f, sid, kind, now)
+        f.gen += 1
+
+    def _cancel(self, f: Flight, now: float, message: str | None) -> None:
+        if self.flights.pop(f.rid, None) is None:
+            return
+        self._stop(f, "cancel", now)
+        self.qm.on_cancelled(f.rid, now)
+        self._end(f, "cancelled", now, (message, "cancelled") if message else None)
+        self.wake()
+
+    def _fail(self, f: Flight, message: str, kind: ErrorKind, now: float) -> None:
+        if self.flights.pop(f.rid, None) is None:
+            return
+        self._stop(f, "cancel", now)
+        self.qm.on_cancelled(f.rid, now)
+        self._end(f, "failed", now, (message, kind))
+
+    def _finish(self, f: Flight, reason: str | None, now: float) -> None:
+        self.flights.pop(f.rid, None)
+        self._streams.pop(f.stream_id, None)
+        f.streaming = False
+        self.qm.on_finished(f.rid, f.tokens_done, now)
+        if not f.stream:
+            f.sink.send(f, "".join(f.text), f.tokens_done, reason, True)
+        first = f.first_token_s if f.first_token_s is not None else now
+        self._end(f, "attained" if first <= f.deadline_s else "missed", now)
+        self.wake()
+
+    def _end(
+        self, f: Flight, outcome: Outcome, now: float, error: tuple[str, ErrorKind] | None = None
+    ) -> None:
+        self.counters[outcome] += 1
+        if error is not None:
+            f.sink.error(*error)
+        self.on_outcome(f, outcome, now)
+
+    def _lso(self, kind: str, n: int = 1) -> None:
+        self.counters[kind] += n
+        self.on_lso(kind, n)
+
+
+__all__ = [
+    "OUTCOMES",
+    "Chunk",
+    "ClientSink",
+    "Driver",
+    "Executor",
+    "Flight",
+    "Outcome",
+    "StopKind",
+]

@@ -1,0 +1,219 @@
+"""The executor's real-time driver: each stream an asyncio task over an engine client.
+
+The engine client (`EngineClient`) is what `router/dispatch.py` implements over tritonclient's gRPC
+asyncio API, one per Triton server; tests give a fake one. Everything here runs on the router's one
+asyncio loop, the executor's thread, so executor calls need no lock.
+
+Two races this module closes (both found once by slow integration runs):
+- a Pull whose request is cancelled or evicted before its task's first step: the task asks the
+  executor whether its stream is still wanted (`is_live`) and opens nothing if not;
+- a stream the executor has left (eviction, cancellation) that is still running: `stop` cancels
+  it, and a task that ends while no longer wanted cancels its stream again on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
+
+from qlm_backend.contract import GenerateParams
+from qlm_backend.router.executor import Chunk, Executor, Flight, StopKind
+
+
+class EngineError(RuntimeError):
+    """The engine or its server failed (not the client's fault); `unavailable` when it is gone."""
+
+    def __init__(self, message: str, unavailable: bool) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
+
+
+class EngineStream(Protocol):
+    def cancel(self) -> None: ...
+
+    def chunks(self) -> AsyncIterator[Chunk]: ...
+
+
+class EngineClient(Protocol):
+    """One server's engines: stream a request, and model control."""
+
+    def stream(self, model: str, fields: Mapping[str, Any], request_id: str) -> EngineStream: ...
+
+    async def load(self, model: str, config: Mapping[str, Any] | None) -> None:
+        """Load (or reload) `model`, with `config` overriding its config.pbtxt if given."""
+        ...
+
+    async def unload(self, model: str) -> None: ...
+
+    async def is_ready(self, model: str) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def engine_fields(
+    params: GenerateParams, text_so_far: str, tokens_done: int, priority: int | None
+) -> dict[str, Any]:
+    """The engine request that continues a router request after `tokens_done` tokens: prompt +
+    the text already sent, and only the tokens still owed (a resume is exact, not a restart)."""
+    sampling = params.sampling.as_vllm_dict()
+    sampling["max_tokens"] = params.sampling.max_tokens - tokens_done
+    sampling["min_tokens"] = max(0, params.sampling.min_tokens - tokens_done)
+    fields: dict[str, Any] = {
+        "text_input": params.prompt + text_so_far,
+        "stream": True,
+        "exclude_input_in_output": True,
+        "sampling_parameters": json.dumps(sampling),
+        "return_finish_reason": True,
+        "return_num_output_tokens": True,
+    }
+    for flag in ("return_cumulative_logprob", "return_logprobs", "return_num_input_tokens"):
+        if flag in params.returns:
+            fields[flag] = True
+    if priority is not None:
+        fields["priority"] = int(priority)
+    return fields
+
+
+class StreamDriver:
+    def __init__(
+        self,
+        client_for: Callable[[str], EngineClient],
+        engine_name: Callable[[str, str], str],
+        request_fields: Callable[[Flight, str, int], Mapping[str, Any]],
+        load_override: Callable[[str, str, bool], Mapping[str, Any] | None],
+        clock: Callable[[], float],
+        *,
+        load_timeout_s: float = 300.0,
+        retry_s: tuple[float, float] = (0.5, 30.0),
+        log: Callable[[str, str], None] = lambda level, msg: None,
+    ) -> None:
+        """`engine_name(model, instance)` names the engine model; `request_fields(flight,
+        instance, priority)` builds its request; `load_override(engine, instance, warm)` the config
+        override a load sends (None: the engine's own config)."""
+        self.client_for, self.engine_name = client_for, engine_name
+        self.request_fields, self.load_override = request_fields, load_override
+        self.clock, self.load_timeout_s, self.retry_s, self.log = (
+            clock,
+            load_timeout_s,
+            retry_s,
+            log,
+        )
+        self.ex: Executor | None = None
+        self.closing = False
+        self._streams: dict[str, EngineStream] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def bind(self, ex: Executor) -> None:
+        self.ex = ex
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ the Driver protocol
+    def open(self, flight: Flight, instance_id: str, priority: int, now: float) -> None:
+        self._spawn(self._run(flight, flight.stream_id, instance_id, priority))
+
+    def stop(self, flight: Flight, stream_id: str, kind: StopKind, now: float) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            stream.cancel()  # reaches the engine's is_cancelled() within a step
+
+    def swap(
+        self, instance_id: str, from_model: str | None, to_model: str, warm: bool, now: float
+    ) -> None:
+        self._spawn(self._swap(instance_id, from_model, to_model, warm))
+
+    def recover(self, instance_id: str, model: str, now: float) -> None:
+        self._spawn(self._recover(instance_id, model))
+
+    # ------------------------------------------------------------------ tasks
+    async def _run(self, f: Flight, sid: str, instance: str, priority: int) -> None:
+        ex = self.ex
+        assert ex is not None, "bind() the executor first"
+        if not ex.is_live(sid):
+            return  # left before this task ran: no stream was opened, none may be now
+        stream: EngineStream | None = None
+        ended = False
+        try:
+            name = self.engine_name(f.model, instance)
+            stream = self.client_for(instance).stream(
+                name, self.request_fields(f, instance, priority), sid
+            )
+            self._streams[sid] = stream
+            async for ch in stream.chunks():
+                if not ex.is_live(sid):
+                    return
+                ended = ch.finish_reason is not None
+                ex.on_chunk(sid, ch, self.clock())
+                if ended:
+                    return
+        except EngineError as e:
+            ex.on_stream_error(sid, str(e), e.unavailable, self.clock())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug must not leave the client waiting
+            self.log("error", f"stream {sid} failed: {e!r}")
+            ex.on_stream_error(sid, f"internal error: {e}", False, self.clock())
+        finally:
+            self._streams.pop(sid, None)
+            if stream is not None and not ended and not ex.is_live(sid):
+                stream.cancel()  # whoever left it, its engine request stops
+
+    async def _swap(self, instance: str, from_model: str | None, to_model: str, warm: bool) -> None:
+        ex = self.ex
+        assert ex is not None
+        client = self.client_for(instance)
+        try:
+            if from_model:
+                await client.unload(self.engine_name(from_model, instance))
+            name = self.engine_name(to_model, instance)
+            await asyncio.wait_for(
+                client.load(name, self.load_override(name, instance, warm)),
+                timeout=self.load_timeout_s,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failed load fails the instance; recovery retries
+            ex.on_load_failed(instance, to_model, repr(e), self.clock())
+            return
+        self.log("info", f"{instance}: {from_model} -> {to_model} ({'warm' if warm else 'cold'})")
+        ex.on_loaded(instance, to_model, self.clock())
+
+    async def _recover(self, instance: str, model: str) -> None:
+        """Reload the model (or find it ready) with exponential backoff until it serves."""
+        ex = self.ex
+        assert ex is not None
+        delay, cap = self.retry_s
+        name = self.engine_name(model, instance)
+        while not self.closing:
+            await asyncio.sleep(delay)
+            client = self.client_for(instance)
+            try:
+                if not await client.is_ready(name):
+                    await asyncio.wait_for(
+                        client.load(name, self.load_override(name, instance, False)),
+                        timeout=self.load_timeout_s,
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - keep trying, slower
+                self.log("warn", f"instance {instance} still failing: {e}")
+                delay = min(delay * 2, cap)
+                continue
+            self.log("info", f"instance {instance} recovered with {model}")
+            ex.on_loaded(instance, model, self.clock())
+            return
+
+    async def close(self) -> None:
+        """Cancel every task and wait for them (the executor's shutdown ran first)."""
+        self.closing = True
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+__all__ = ["EngineClient", "EngineError", "EngineStream", "StreamDriver", "engine_fields"]
