@@ -11,7 +11,7 @@ LOADTEST_ARGS ?=
 SOAK_ARGS ?= --minutes 30
 
 .PHONY: setup setup-vllm serve serve-vllm test test-fast lint typecheck unit integration test-vllm \
-        test-slow eval loadtest soak bench-planner bench-router bench-realtime bench-fidelity calibrate \
+        test-slow eval loadtest soak bench-planner bench-router bench-relay bench-realtime bench-fidelity calibrate \
         bench-overload bench-calibration eval-dev eval-report docs-images fmt clean
 
 $(STAMP): pyproject.toml
@@ -87,6 +87,10 @@ bench-planner: setup
 
 bench-router: setup
 	$(BIN)/qlm-bench router --out results/bench-router.json
+
+# The relay at saturation (issue 15): 32 streams x 64 tokens at three engine speeds, ratios last.
+bench-relay: setup
+	$(BIN)/qlm-bench router --time-scale 1,0.1,0.01 --concurrency 32 --tokens 64 --out results/bench-relay.json
 
 bench-realtime: setup
 	$(BIN)/qlm-bench realtime --out results/bench-realtime.json

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import math
+import random
 import sys
 import tempfile
 import time
@@ -87,14 +88,25 @@ def build(base: Path, time_scale: float, concurrency: int) -> tuple[Path, list[s
 
 
 async def run_phase(
-    url: str, ph: Phase, concurrency: int, tokens: int, duration_s: float, progress: Any
+    url: str,
+    ph: Phase,
+    concurrency: int,
+    tokens: int,
+    duration_s: float,
+    progress: Any,
+    think_s: float = 0.0,
 ) -> None:
     stop_at = time.monotonic() + duration_s
     async with AsyncGrpcClient(url, timeout_s=120) as client:
 
         async def worker(k: int) -> None:
             n = 0
+            rng = random.Random(k)
             while time.monotonic() < stop_at:
+                if think_s > 0:
+                    # A random pause: arrivals land anywhere in the engine's step, as open-loop
+                    # traffic does (back-to-back requests all land just after a step ends).
+                    await asyncio.sleep(rng.uniform(0.0, think_s))
                 req = Request(
                     f"bench {k} {n}",
                     model=MODEL if ph.via_router else None,
@@ -152,24 +164,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument(
         "--time-scale",
+        default="1",
+        help="engine time_scale, or a comma list run one after another: 1 = a real A10's step "
+        "times (~33 ms/token); smaller is faster",
+    )
+    p.add_argument(
+        "--think-ms",
         type=float,
-        default=1.0,
-        help="engine time_scale: 1 = a real A10's step times (~33 ms/token); smaller is faster",
+        default=0.0,
+        help="each client pauses uniform(0, this) ms before each request (0: back to back)",
     )
     p.add_argument("--out", type=Path, help="write the full numbers as JSON here")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+def run_scale(a: argparse.Namespace, time_scale: float) -> tuple[dict[str, Any], str, bool]:
+    """One server, one time scale: the full comparison, its summary line, and whether it failed."""
     base = Path(tempfile.mkdtemp(prefix="qlm-bench-router-"))
-    repo, loads, routers = build(base, a.time_scale, a.concurrency)
+    repo, loads, routers = build(base, time_scale, a.concurrency)
     server = TritonServer(repo, load_models=loads, log_path=base / "server.log")
     try:
         server.start(timeout_s=120)
     except Exception as e:  # noqa: BLE001
-        print(f"qlm-bench router: cannot start tritonserver: {e}", file=sys.stderr)
-        return 2
+        return {}, f"time_scale {time_scale:g}: cannot start tritonserver: {e}", True
     # Direct: the very engine behind the 20 ms router (idle while the direct phase runs).
     first_inst = routers["qlm-bench-tick20ms"][0]
     phases = [Phase("direct", engine_model_name(MODEL, first_inst), False)]
@@ -183,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         done += 1
         if done % 20 == 0:
             el = time.monotonic() - t_start
-            print(f"\r  {done} requests, {el:.0f} of ~{total_s:.0f} s", end="", file=sys.stderr)
+            print(
+                f"\r  time_scale {time_scale:g}: {done} requests, {el:.0f} of ~{total_s:.0f} s",
+                end="",
+                file=sys.stderr,
+            )
 
     try:
         for _ in range(2):  # warm-up: first-call costs (channel setup, stub imports) out of it
@@ -193,7 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(a.rounds):
             for ph in phases:
                 asyncio.run(
-                    run_phase(server.grpc_url, ph, a.concurrency, a.tokens, a.phase_s, progress)
+                    run_phase(
+                        server.grpc_url,
+                        ph,
+                        a.concurrency,
+                        a.tokens,
+                        a.phase_s,
+                        progress,
+                        a.think_ms / 1e3,
+                    )
                 )
         print(file=sys.stderr)
     finally:
@@ -213,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             "tokens": a.tokens,
             "phase_s": a.phase_s,
             "rounds": a.rounds,
-            "time_scale": a.time_scale,
+            "think_ms": a.think_ms,
+            "time_scale": time_scale,
             "engine": f"{MODEL} on simulated {GPU}",
             "routers": {k: {"tick_s": v[1]} for k, v in routers.items()},
         },
@@ -232,23 +262,53 @@ def main(argv: list[str] | None = None) -> int:
             + (f"  queue p50 {q:5.2f} ms" if q is not None else "")
         )
     fast = comparisons["qlm-bench-tick2ms"]
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(out, indent=2) + "\n")
     failed = sum(s["failed"] for s in summary.values())
-    print(
-        f"router bench ({a.concurrency} streams x {a.tokens} tokens, time_scale {a.time_scale:g}): "
+    line = (
+        f"router bench ({a.concurrency} streams x {a.tokens} tokens, time_scale {time_scale:g}): "
         f"direct {direct['tokens_per_s']:.0f} tok/s; tick 2 ms: added p50 "
         f"{fast['added_latency_p50_ms']:.2f} ms, ratio {fast['throughput_ratio']:.3f}; "
         f"tick 20 ms: added p50 {main_cmp['added_latency_p50_ms']:.2f} ms "
         f"p99 {main_cmp['added_latency_p99_ms']:.2f} ms "
         f"per token {main_cmp['added_per_token_ms']:.3f} ms, "
+        f"added ttft p50 {main_cmp['added_ttft_p50_ms']:.2f} ms, "
         f"throughput_ratio {main_cmp['throughput_ratio']:.3f}"
     )
     if crashed:
-        print(f"INVALID RUN: {crashed}")
-    return 1 if failed or crashed else 0
+        line += f"  INVALID RUN: {crashed}"
+    return out, line, bool(failed or crashed)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        scales = [float(x) for x in str(a.time_scale).split(",")]
+    except ValueError:
+        print(
+            f"qlm-bench router: --time-scale: not a number list: {a.time_scale!r}", file=sys.stderr
+        )
+        return 2
+    if not scales or any(not x > 0 for x in scales):
+        print(f"qlm-bench router: --time-scale: must be > 0, got {a.time_scale!r}", file=sys.stderr)
+        return 2
+    runs, lines, bad = [], [], False
+    for ts in scales:
+        out, line, failed = run_scale(a, ts)
+        runs.append(out)
+        lines.append(line)
+        bad |= failed
+        print(line)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        doc = runs[0] if len(runs) == 1 else {"bench": "router", "runs": runs}
+        a.out.write_text(json.dumps(doc, indent=2) + "\n")
+    if len(scales) > 1:  # the ratios side by side, last
+        print(
+            "router relay: "
+            + "; ".join(
+                f"time_scale {ts:g} ratio {r['throughput_ratio']:.3f} added ttft p50 "
+                f"{r['added_ttft_p50_ms']:.1f} ms"
+                for ts, r in zip(scales, runs, strict=True)
+                if r
+            )
+        )
+    return 1 if bad else 0

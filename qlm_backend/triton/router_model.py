@@ -4,7 +4,9 @@ execute() only decodes and enqueues. One asyncio loop thread owns the core (Queu
 executor (router/executor.py, the same one qlm-eval's simulator runs): it admits requests, plans on
 every event and on a tick, and the executor carries out the actions through the stream driver
 (router/stream_driver.py) over Triton gRPC (router/dispatch.py). Responses leave through
-`TritonSink` (triton/router_sink.py). Every accepted request ends with a complete response or an explicit error, FINAL.
+`TritonSink` (triton/router_sink.py) from the relay's sender thread (router/relay.py), so a send's
+round trip to the server never stalls the loop. Every accepted request ends with a complete
+response or an explicit error, FINAL.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from qlm_backend.engine.tokens import count_prompt_tokens
 from qlm_backend.router.config import RouterConfig, load_router_config
 from qlm_backend.router.dispatch import EngineServer
 from qlm_backend.router.executor import Executor, Flight
+from qlm_backend.router.relay import Relay
 from qlm_backend.router.request import RouterRequest, parse_router_request
 from qlm_backend.router.stream_driver import StreamDriver, engine_fields
 from qlm_backend.triton.glue import LoopThread, error_kind, model_config, read_inputs, send_error
@@ -78,6 +81,7 @@ class RouterModel:
         )  # fmt: skip
         self.driver.bind(self.ex)
         self.loop = LoopThread(f"{name}-router")
+        self.relay = Relay(self.loop.loop.call_soon_threadsafe, f"{name}-relay")
         self._runner = self.loop.submit(self._run())
         self.logger.log_info(
             f"{name}: policy {self.cfg.policy}, {len(fleet.instances)} instances, models "
@@ -109,6 +113,7 @@ class RouterModel:
             self.loop.submit(self._shutdown()).result(timeout=15)
         except Exception as e:  # noqa: BLE001 - best effort on unload
             self.logger.log_warn(f"{self.name}: shutdown: {e!r}")
+        self.relay.close()  # after the shutdown's errors were queued: they are delivered
         self.loop.stop()
 
     def _now(self, wall: float | None = None) -> float:
@@ -149,7 +154,11 @@ class RouterModel:
             rid, rr.model, rr.slo_class, now, rr.prompt_tokens, sp.max_tokens,
             ttft_slo_s=rr.ttft_slo_s, output_fixed=sp.output_fixed,
         )  # fmt: skip
-        sink = TritonSink(sender, rr, self.cfg.time_scale)
+        # Responses leave from the relay's thread (a send is a round trip to the server process);
+        # per-token logprobs are never joined.
+        gone = lambda: self.ex.cancel(rid, self._now(), None)  # noqa: E731 - client left
+        inner = TritonSink(sender, rr, self.cfg.time_scale)
+        sink = self.relay.sink(inner, gone, join="return_logprobs" not in rr.params.returns)
         flight = Flight(
             rid, rr.model, rr.slo_class, now, req.deadline_s, rr.prompt_tokens, sp.max_tokens,
             stream=rr.params.stream, payload=rr, sink=sink,

@@ -187,6 +187,11 @@ class SimEngineModel:
                 self.logger.log_error(f"{self.name}: engine step failed: {e!r}")
 
     def _deliver(self, events: list[TokenEvent]) -> None:
+        # As vLLM's output processor does, a request gets what it produced since its last output in
+        # one response: when the loop runs behind the simulated GPU (several iterations end
+        # between two wake-ups), that is one response per request, not one per token.
+        streamed: dict[str, list[SynthToken]] = {}
+        ended: dict[str, str | None] = {}
         for ev in events:
             act = self._active.get(ev.request_id)
             if act is None:
@@ -196,17 +201,25 @@ class SimEngineModel:
             if act.first_token_wall is None:
                 act.first_token_wall = time.monotonic()
             if act.params.stream:
-                self._send(act, [tok], ev.finished, ev.finish_reason, 1)
-            elif ev.finished:
-                self._send(act, act.tokens, True, ev.finish_reason, len(act.tokens))
+                streamed.setdefault(ev.request_id, []).append(tok)
             if ev.finished:
-                del self._active[ev.request_id]
-                now = time.monotonic()
-                ttft = act.first_token_wall - act.start_wall
-                self.metrics.observe_request(
-                    act.prompt_tokens, len(act.tokens), ttft, now - act.start_wall
-                )
-                self.metrics.finished(ev.finish_reason or "stop")
+                ended[ev.request_id] = ev.finish_reason
+        for rid, toks in streamed.items():
+            act = self._active[rid]
+            self._send(act, toks, rid in ended, ended.get(rid), len(toks))
+        for rid, reason in ended.items():
+            act = self._active.get(rid)
+            if act is None:
+                continue  # its send failed: already aborted
+            if not act.params.stream:
+                self._send(act, act.tokens, True, reason, len(act.tokens))
+            self._active.pop(rid, None)
+            now = time.monotonic()
+            ttft = (act.first_token_wall or now) - act.start_wall
+            self.metrics.observe_request(
+                act.prompt_tokens, len(act.tokens), ttft, now - act.start_wall
+            )
+            self.metrics.finished(reason or "stop")
 
     def _send(
         self, act: _Active, toks: list[SynthToken], final: bool, reason: str | None, n_new: int

@@ -1,0 +1,142 @@
+"""The relay: responses leave the router from a sender thread, joined when they back up.
+
+Measured with `qlm-bench router` and py-spy (docs/benchmarks.md): with engines fast enough to
+saturate the machine, half of the router's loop time was spent inside the response sender's
+`send()`, which is a synchronous round trip to the Triton server process (it releases the GIL and
+waits for the server to take the response). On the loop thread that wait stalled every other
+stream, the planner and admission. So the loop only hands responses to a `RelaySink`, and one
+sender thread makes the round trips. While a stream's responses wait for the thread, the next ones
+join them (text concatenated, token counts added, the final flag kept): a stream that the machine
+keeps up with sends exactly what the engine sent, with no added delay, and one it cannot keep up
+with sends fewer, larger responses instead of falling further behind. A request that returns
+per-token logprobs is never joined. Per request the order is kept: data, then the final response or
+an error (an error drops what had not left yet: the request ended).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qlm_backend.router.executor import ClientSink, ErrorKind, Flight
+
+
+@dataclass
+class _Data:
+    flight: Flight
+    text: list[str]
+    tokens: int
+    reason: str | None
+    final: bool
+    joined: int = 1  # engine responses in it
+
+
+@dataclass(frozen=True)
+class _Error:
+    message: str
+    kind: ErrorKind
+
+
+class RelaySink:
+    """A request's ClientSink on the loop side: queues responses for the relay's thread."""
+
+    def __init__(self, relay: Relay, inner: ClientSink, on_gone: Callable[[], object], join: bool):
+        self.relay, self.inner, self.on_gone, self.join = relay, inner, on_gone, join
+        self.pending: list[_Data | _Error] = []
+        self.queued = False
+        self.gone = False
+        self.started = False  # a response of it has been queued before
+
+    def send(self, f: Flight, text: str, num_tokens: int, reason: str | None, final: bool) -> bool:
+        if self.gone:
+            return False
+        with self.relay.lock:
+            last = self.pending[-1] if self.pending else None
+            if self.join and isinstance(last, _Data) and not last.final:
+                last.text.append(text)
+                last.tokens += num_tokens
+                last.reason, last.final = reason, final
+                last.joined += 1
+            else:
+                self.pending.append(_Data(f, [text], num_tokens, reason, final))
+            self.relay.ready(self)
+        return True
+
+    def error(self, message: str, kind: ErrorKind) -> None:
+        with self.relay.lock:
+            self.pending = [_Error(message, kind)]  # what had not left yet is dropped
+            self.relay.ready(self)
+
+    def is_cancelled(self) -> bool:
+        return self.inner.is_cancelled()
+
+
+class Relay:
+    """One sender thread for all of a router's requests."""
+
+    def __init__(self, call_on_loop: Callable[[Callable[[], object]], object], name: str = "relay"):
+        """`call_on_loop(fn)` runs fn on the executor's loop (loop.call_soon_threadsafe)."""
+        self.call_on_loop = call_on_loop
+        self.lock = threading.Condition()
+        self._ready: deque[RelaySink] = deque()
+        self._closing = False
+        self.responses = 0  # responses sent
+        self.engine_responses = 0  # engine responses they carried
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def sink(
+        self, inner: ClientSink, on_gone: Callable[[], object], join: bool = True
+    ) -> RelaySink:
+        return RelaySink(self, inner, on_gone, join)
+
+    def ready(self, s: RelaySink) -> None:
+        """Called with the lock held: `s` has something to send. A request's first response goes
+        ahead of the others' next ones: its time to first token is what an SLO counts, and those
+        others lose nothing but join one more token."""
+        if not s.queued:
+            s.queued = True
+            if s.started:
+                self._ready.append(s)
+            else:
+                s.started = True
+                self._ready.appendleft(s)
+            self.lock.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while not self._ready and not self._closing:
+                    self.lock.wait()
+                if not self._ready:
+                    return  # closing and drained
+                s = self._ready.popleft()
+                s.queued = False
+                items, s.pending = s.pending, []
+            for item in items:
+                self._deliver(s, item)
+
+    def _deliver(self, s: RelaySink, item: _Data | _Error) -> None:
+        if isinstance(item, _Error):
+            s.inner.error(item.message, item.kind)
+            return
+        if s.gone:
+            return
+        self.responses += 1
+        self.engine_responses += item.joined
+        text = item.text[0] if len(item.text) == 1 else "".join(item.text)
+        if not s.inner.send(item.flight, text, item.tokens, item.reason, item.final):
+            s.gone = True
+            self.call_on_loop(s.on_gone)  # the client left: the executor cancels the request
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Send what is queued (errors of a shutdown included), then stop the thread."""
+        with self.lock:
+            self._closing = True
+            self.lock.notify()
+        self._thread.join(timeout=timeout_s)
+
+
+__all__ = ["Relay", "RelaySink"]

@@ -1,0 +1,128 @@
+"""The relay: responses leave from one sender thread, in order, joined only while they back up."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlm_backend.router.relay import Relay
+
+
+@dataclass
+class SlowClient:
+    """An inner sink whose first send blocks until `release` is set (a round trip in progress)."""
+
+    release: threading.Event = field(default_factory=threading.Event)
+    sent: list[tuple[str, int, str | None, bool]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    entered: threading.Event = field(default_factory=threading.Event)
+    accept: bool = True
+
+    def send(self, f: Any, text: str, num_tokens: int, reason: str | None, final: bool) -> bool:
+        self.entered.set()
+        self.release.wait(5)
+        self.sent.append((text, num_tokens, reason, final))
+        return self.accept
+
+    def error(self, message: str, kind: str) -> None:
+        self.errors.append((message, kind))
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+def wait_for(cond: Any, timeout_s: float = 5.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.001)
+
+
+def make_relay() -> tuple[Relay, list[Any]]:
+    called: list[Any] = []
+    return Relay(lambda fn: called.append(fn)), called
+
+
+def test_responses_that_back_up_leave_joined_in_order_with_one_final() -> None:
+    relay, _ = make_relay()
+    client = SlowClient()
+    sink = relay.sink(client, lambda: None)
+    sink.send(None, " w0", 1, None, False)  # type: ignore[arg-type]
+    client.entered.wait(5)  # the thread is inside the first round trip
+    for i in range(1, 9):
+        sink.send(None, f" w{i}", 1, None, False)  # type: ignore[arg-type]
+    sink.send(None, " w9", 1, "length", True)  # type: ignore[arg-type]
+    client.release.set()
+    relay.close()
+    # Expected: the first alone, then everything that waited behind it as one final response.
+    assert client.sent == [
+        (" w0", 1, None, False),
+        ("".join(f" w{i}" for i in range(1, 10)), 9, "length", True),
+    ]
+    assert relay.responses == 2 and relay.engine_responses == 10
+
+
+def test_a_sender_that_keeps_up_sends_every_response_as_it_came() -> None:
+    relay, _ = make_relay()
+    client = SlowClient()
+    client.release.set()
+    sink = relay.sink(client, lambda: None)
+    for i in range(5):
+        sink.send(None, f" w{i}", 1, None, i == 4)  # type: ignore[arg-type]
+        wait_for(lambda i=i: len(client.sent) == i + 1)
+    relay.close()
+    assert [s[0] for s in client.sent] == [f" w{i}" for i in range(5)]
+
+
+def test_responses_with_per_token_logprobs_are_never_joined() -> None:
+    relay, _ = make_relay()
+    client = SlowClient()
+    sink = relay.sink(client, lambda: None, join=False)
+    sink.send(None, "a", 1, None, False)  # type: ignore[arg-type]
+    client.entered.wait(5)
+    sink.send(None, "b", 1, None, False)  # type: ignore[arg-type]
+    sink.send(None, "c", 1, "stop", True)  # type: ignore[arg-type]
+    client.release.set()
+    relay.close()
+    assert client.sent == [("a", 1, None, False), ("b", 1, None, False), ("c", 1, "stop", True)]
+
+
+def test_an_error_drops_what_had_not_left_and_follows_what_had() -> None:
+    relay, _ = make_relay()
+    client = SlowClient()
+    sink = relay.sink(client, lambda: None)
+    sink.send(None, "a", 1, None, False)  # type: ignore[arg-type]
+    client.entered.wait(5)
+    sink.send(None, "b", 1, None, False)  # type: ignore[arg-type]
+    sink.error("Request was cancelled", "cancelled")
+    client.release.set()
+    relay.close()
+    assert client.sent == [("a", 1, None, False)]
+    assert client.errors == [("Request was cancelled", "cancelled")]
+
+
+def test_a_client_that_left_is_reported_to_the_loop_once_and_refused_after() -> None:
+    relay, called = make_relay()
+    client = SlowClient(accept=False)
+    client.release.set()
+    gone = object()
+    sink = relay.sink(client, lambda: gone)
+    sink.send(None, "a", 1, None, False)  # type: ignore[arg-type]
+    wait_for(lambda: len(called) == 1)
+    assert called[0]() is gone  # the executor's cancel runs on its loop, not on the thread
+    assert sink.send(None, "b", 1, None, False) is False  # type: ignore[arg-type]
+    relay.close()
+    assert len(called) == 1 and client.sent == [("a", 1, None, False)]
+
+
+def test_close_delivers_what_is_queued_before_it_stops() -> None:
+    relay, _ = make_relay()
+    client = SlowClient()
+    client.release.set()
+    sinks = [relay.sink(client, lambda: None) for _ in range(20)]
+    for s in sinks:
+        s.error("the router is unloading", "unavailable")
+    relay.close()
+    assert client.errors == [("the router is unloading", "unavailable")] * 20
