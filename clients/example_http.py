@@ -4,7 +4,7 @@
 
 The same as curl:
     curl -N 127.0.0.1:8000/v2/models/qlm/generate_stream \
-         -d '{"text_input": "hi", "model": "mistral-7b", "slo_class": "batch-1", "max_tokens": 8}'
+         -d '{"text_input": "hi", "stream": true, "model": "mistral-7b", "slo_class": "batch-1", "max_tokens": 8}'
 """
 
 from __future__ import annotations

@@ -192,7 +192,7 @@ def engine_names(fleet: FleetConfig) -> list[str]:
 def load_deploy_fleet(repo: Path) -> tuple[dict[str, Any], FleetConfig, dict[str, Placement]]:
     data = json.loads((repo / "fleet.json").read_text())
     fleet = parse_fleet(data, strict=False)
-    unknown = set(fleet.extra) - {PLACEMENT_KEY}
+    unknown = set(fleet.extra) - {PLACEMENT_KEY, "default_model"}
     if unknown:
         raise ValueError(f"fleet: unknown key(s) {sorted(unknown)}")
     return data, fleet, placements(fleet)

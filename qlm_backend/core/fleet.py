@@ -102,7 +102,7 @@ _INSTANCE_KEYS = {
     "max_in_flight",
     "host",
 }
-_TOP_KEYS = {"instances", "slo_classes", "warm_slots_per_host"}
+_TOP_KEYS = {"instances", "slo_classes", "warm_slots_per_host", "default_model"}
 
 
 def _check_gpu(name: Any, where: str) -> str:
@@ -195,6 +195,13 @@ def parse_fleet(data: Mapping[str, Any], *, strict: bool = True) -> FleetConfig:
     if not isinstance(warm, int) or isinstance(warm, bool) or warm < 0:
         raise ValueError(f"fleet.warm_slots_per_host: expected an integer >= 0, got {warm!r}")
     extra = {k: data[k] for k in unknown}
+    if "default_model" in data:
+        # The model a router serves a request that names none with (kept beside other sections).
+        dm = data["default_model"]
+        served = sorted({m for i in instances for m in i.models_allowed})
+        if dm not in served:
+            raise ValueError(f"fleet.default_model: {dm!r} is not served; served: {served}")
+        extra["default_model"] = dm
     return FleetConfig(tuple(instances), classes, warm, extra)
 
 

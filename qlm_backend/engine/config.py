@@ -47,9 +47,9 @@ class EngineConfig:
     # Mean output length when a request does not set ignore_eos (geometric draw, seeded per request).
     mean_output_tokens: int = 128
     instance: str = ""  # the fleet instance (GPU or GPU set) this engine runs on
-    # vllm_backend treats a request without `stream` as non-streaming; our engines stream by default
-    # so that a bare `curl .../generate_stream` streams tokens. Set false for vllm_backend's default.
-    default_stream: bool = True
+    # `stream` of a request that sends none: false, as Triton's vllm_backend (one response with the
+    # whole text); true only for clients written against older QLM engines.
+    default_stream: bool = False
 
     def perf(self) -> PerfModel:
         return PerfModel.from_names(self.model, self.gpu, self.tp or None)

@@ -8,6 +8,9 @@ Keys (all optional but the policy has a default too):
                        carry `engine_backends: {instance_id: backend}` beside its instances.
   time_scale           wall seconds per simulated second; must match the engines' time_scale
   default_slo_class    class of a request that names none
+  default_model        logical model of a request that names none ("" = `model` is required);
+                       lets vllm_backend clients, which send no `model`, call `qlm` unchanged.
+                       The fleet file's `default_model` applies when this key is not set.
   engine_url           gRPC address of the server running local engines ("" = this server)
   instance_servers     {instance_id: "grpc://host:port"} for instances on other Triton servers
   tick_s               planner tick, wall seconds
@@ -56,6 +59,7 @@ class RouterConfig:
     fleet: str = "fleet.json"
     time_scale: float = 1.0
     default_slo_class: str = "interactive"
+    default_model: str = ""
     engine_url: str = ""
     instance_servers: Mapping[str, str] = field(default_factory=dict)
     tick_s: float = 0.02

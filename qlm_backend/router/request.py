@@ -55,8 +55,10 @@ def parse_router_request(
     default_slo_class: str,
     count_tokens: Callable[[str], int],
     max_prompt_bytes: int,
+    default_model: str = "",
 ) -> RouterRequest:
-    """`models`: logical model -> context tokens; `slo_classes`: class -> TTFT SLO seconds."""
+    """`models`: logical model -> context tokens; `slo_classes`: class -> TTFT SLO seconds;
+    `default_model` serves requests that name none ("" : `model` is required)."""
     try:
         params = json.loads(parameters_json) if parameters_json else {}
     except json.JSONDecodeError:
@@ -70,6 +72,8 @@ def parse_router_request(
             )
     model = _field(inputs, params, "model")
     if model is None or model == "":
+        model = default_model  # a vllm_backend client names no model: the router's default
+    if model == "":
         raise ContractError("model", f"is required; served models: {', '.join(sorted(models))}")
     if not isinstance(model, str):
         raise ContractError("model", f"must be a string, got {model!r}")
@@ -109,6 +113,6 @@ def parse_router_request(
         models[model],
         count_tokens,
         ignore_parameters=QLM_FIELDS,
-        default_stream=True,
+        default_stream=False,  # as Triton's vllm_backend: no `stream`, one response
     )
     return RouterRequest(gp, model, slo_class, ttft, count_tokens(gp.prompt))

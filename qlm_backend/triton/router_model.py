@@ -51,15 +51,21 @@ class RouterModel:
         fleet = load_fleet(
             fleet_path if fleet_path.is_absolute() else model_dir.parent / fleet_path, strict=False
         )
-        if backends := fleet.extra.get("engine_backends"):
-            merged = {**backends, **self.cfg.instance_backends}
-            self.cfg = RouterConfig.from_mapping({**self.cfg.__dict__, "instance_backends": merged})
+        # The fleet file may carry the engines' backends and the model of a request naming none.
+        backends = {**fleet.extra.get("engine_backends", {}), **self.cfg.instance_backends}
+        default_model = self.cfg.default_model or str(fleet.extra.get("default_model", ""))
+        merged = {"instance_backends": backends, "default_model": default_model}
+        self.cfg = RouterConfig.from_mapping({**self.cfg.__dict__, **merged})
         self.models = {m: MODELS[m].max_context_tokens for m in fleet.models}
         self.classes = {c.name: c.ttft_slo_s for c in fleet.slo_classes}
-        if self.cfg.default_slo_class not in self.classes:
-            raise pb_utils.TritonModelException(
-                f"router config key 'default_slo_class': unknown class {self.cfg.default_slo_class!r}"
-            )
+        for key, value, known in (
+            ("default_model", self.cfg.default_model, ["", *self.models]),
+            ("default_slo_class", self.cfg.default_slo_class, list(self.classes)),
+        ):
+            if value not in known:
+                raise pb_utils.TritonModelException(
+                    f"router config key {key!r}: {value!r} is not one of {sorted(known)}"
+                )
         self.qm = QueueManager(fleet, self.cfg.policy, self.cfg.manager_config())
         self.metrics = RouterMetrics(name, [(m, c) for m in self.models for c in self.classes])
         self._servers: dict[str, EngineServer] = {}
@@ -98,6 +104,7 @@ class RouterModel:
                     models=self.models, slo_classes=self.classes,
                     default_slo_class=self.cfg.default_slo_class,
                     count_tokens=count_prompt_tokens, max_prompt_bytes=self.cfg.max_prompt_bytes,
+                    default_model=self.cfg.default_model,
                 )  # fmt: skip
             except Exception as e:  # noqa: BLE001 - every bad request gets its error, at once
                 send_error(sender, f"{self.name}: {e}", error_kind(e))

@@ -43,7 +43,7 @@ CASES: list[tuple[str, dict, dict, str]] = [
         {"max_tokens": 8},
         "text_input",
     ),
-    ("missing model", {"text_input": "hi"}, {}, "model"),
+    ("blank model", {"text_input": "hi", "model": " "}, {}, "model"),
     ("unknown model", {**OK, "model": "gpt-9"}, {}, "model"),
     ("unknown slo_class", {**OK, "slo_class": "gold"}, {}, "slo_class"),
     ("negative ttft_slo_s", {**OK, "ttft_slo_s": -1.0}, {}, "ttft_slo_s"),

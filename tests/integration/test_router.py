@@ -28,6 +28,7 @@ def router_fields(model: str, max_tokens: int, slo_class: str = "interactive", *
         "text_input": extra.pop("text_input", "tell me a story"),
         "model": model,
         "slo_class": slo_class,
+        "stream": True,  # absent, the router answers once at the end (as vllm_backend)
         "sampling_parameters": json.dumps(sampling),
         "return_num_output_tokens": True,
         "return_finish_reason": True,
@@ -56,6 +57,7 @@ def test_router_over_http_generate_stream_with_json_fields(triton):
         "/v2/models/qlm/generate_stream",
         {
             "text_input": "hi",
+            "stream": True,
             "max_tokens": 5,
             "ignore_eos": True,
             "model": "llama-2-13b",
@@ -65,6 +67,19 @@ def test_router_over_http_generate_stream_with_json_fields(triton):
     assert status == 200, body
     events = sse_events(body)
     assert len(events) == 5 and events[-1]["qlm_instance"] == "a100-0"
+
+
+def test_a_vllm_backend_request_with_no_model_and_no_stream_gets_one_answer(triton):
+    # What a client of Triton's vllm_backend sends: no `model` (the fleet's default_model serves
+    # it), no `stream` (one response with prompt + text, as vllm_backend answers).
+    status, body = http_post(
+        triton.http_url,
+        "/v2/models/qlm/generate",
+        {"text_input": "Tell me", "max_tokens": 6, "ignore_eos": True},
+    )
+    assert status == 200, body
+    text = json.loads(body)["text_output"]
+    assert text.startswith("Tell me") and len(text[len("Tell me") :].split()) == 6
 
 
 def test_router_non_streaming_response_prepends_the_prompt(triton):
@@ -280,7 +295,7 @@ def test_engine_unloaded_mid_stream_requeues_and_the_request_completes(triton):
 BAD_INPUTS = [
     ({"max_tokens": 4}, "text_input"),
     ({"text_input": "", "model": "mistral-7b"}, "text_input"),
-    ({"text_input": "hi"}, "model"),
+    ({"text_input": "hi", "model": " "}, "model"),
     ({"text_input": "hi", "model": "gpt-9"}, "model"),
     ({"text_input": "hi", "model": "mistral-7b", "slo_class": "gold"}, "slo_class"),
     ({"text_input": "hi", "model": "mistral-7b", "ttft_slo_s": -1.0}, "ttft_slo_s"),

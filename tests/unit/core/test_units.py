@@ -447,3 +447,12 @@ def test_fixed_output_lengths_are_not_learnt_as_the_class_length() -> None:
     qm.on_finished("f", 4000, 60.0)
     # Still the prior: a caller-fixed length says nothing of the class's free lengths.
     assert qm.estimator.output_stats("mistral-7b", "interactive") == (256.0, 256.0**2)
+
+
+def test_a_fleets_default_model_must_be_one_it_serves() -> None:
+    doc = {"instances": [{"instance_id": "a", "gpu": "A10", "models_allowed": ["mistral-7b"]}]}
+    assert (
+        parse_fleet({**doc, "default_model": "mistral-7b"}).extra["default_model"] == "mistral-7b"
+    )
+    with pytest.raises(ValueError, match="fleet.default_model"):
+        parse_fleet({**doc, "default_model": "llama-2-13b"})

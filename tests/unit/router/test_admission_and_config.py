@@ -72,8 +72,9 @@ def test_router_takes_qlm_fields_from_tensors_or_parameters_and_not_as_sampling_
         None,
         4,
     )
-    # The router streams unless told otherwise (a bare generate_stream call streams).
-    assert r.params.stream
+    # As Triton's vllm_backend: no `stream`, no streaming (one response with the whole text),
+    # and the whole text then includes the prompt (exclude_input_in_output defaults to false).
+    assert not r.params.stream and r.params.prepend_input
 
 
 @pytest.mark.parametrize(
@@ -205,3 +206,18 @@ def test_router_evictions_resume_by_recompute_unless_configured():
     assert RouterConfig().manager_config().kv_swap_resume is False
     cfg = RouterConfig(manager={"kv_swap_resume": True})
     assert cfg.manager_config().kv_swap_resume is True
+
+
+def test_a_request_naming_no_model_gets_the_default_model_or_a_clear_error() -> None:
+    inputs = {"text_input": np.array([b"hi"], dtype=np.object_)}
+    kw = dict(
+        models={"mistral-7b": 4096, "llama-2-13b": 4096},
+        slo_classes={"interactive": 20.0},
+        default_slo_class="interactive",
+        count_tokens=lambda t: 1,
+        max_prompt_bytes=1 << 20,
+    )
+    r = parse_router_request(inputs, None, default_model="llama-2-13b", **kw)
+    assert r.model == "llama-2-13b"
+    with pytest.raises(ContractError, match="model.*is required"):
+        parse_router_request(inputs, None, **kw)
