@@ -1,4 +1,9 @@
-"""`qlm-serve`: start a real tritonserver with QLM on a fleet, print how to call it, stop cleanly."""
+"""`qlm-serve`: start a real tritonserver with QLM on a fleet, print how to call it, stop cleanly.
+
+Beside Triton it starts `qlm-openai` (the OpenAI-compatible endpoint, qlm_backend/openai_front) as a
+child in qlm-serve's own process group, so Ctrl-C reaches both; it is stopped with the server (and
+stops by itself if qlm-serve is killed).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,25 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from qlm_backend.openai_front.config import DEFAULT_PORT as OPENAI_PORT
 from qlm_backend.router.config import FLEET_ENV
 from qlm_backend.triton.installation import TritonNotFound, default_cache_dir, find_triton
 from qlm_backend.triton.repository import engine_model_name
-from qlm_backend.triton.server import ADMIN_HEADER, ADMIN_KEY_ENV, PortInUse, TritonServer
+from qlm_backend.triton.server import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    PortInUse,
+    TritonServer,
+    port_is_free,
+)
 
 FLEET_FILE = "fleet.json"
 ROUTER_MODEL = "qlm"
@@ -78,8 +93,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do not restrict the model repository API (development only)",
     )
+    p.add_argument(
+        "--openai-port",
+        type=int,
+        default=OPENAI_PORT,
+        help=f"port of the OpenAI-compatible endpoint, qlm-openai (default {OPENAI_PORT})",
+    )
+    p.add_argument("--no-openai", action="store_true", help="do not start qlm-openai")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     return p.parse_args(argv)
+
+
+def openai_command(a: argparse.Namespace, repo: Path, grpc_url: str) -> list[str]:
+    """qlm-openai for this server's router ($QLM_OPENAI_API_KEY, if set, is its API key)."""
+    cmd = [sys.executable, "-m", "qlm_backend.openai_front", "--host", a.host]
+    cmd += ["--port", str(a.openai_port), "--triton-grpc", grpc_url, "--router", ROUTER_MODEL]
+    cmd += ["--model-repository", str(repo), "--parent-pid", str(os.getpid())]
+    if a.fleet:
+        cmd += ["--fleet", str(a.fleet.resolve())]
+    return cmd
+
+
+def start_openai(cmd: list[str], url: str, timeout_s: float = 30.0) -> subprocess.Popen[bytes]:
+    """Start qlm-openai (in qlm-serve's process group) and wait until its /health answers 200."""
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise LaunchError(f"qlm-openai exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.2)
+    stop_openai(proc)
+    raise LaunchError(f"qlm-openai did not answer {url}/health within {timeout_s:.0f} s")
+
+
+def stop_openai(proc: subprocess.Popen[bytes] | None, timeout_s: float = 12.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)  # uvicorn: graceful shutdown, bounded at 5 s
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def example_engine(loaded: list[str]) -> str:
@@ -109,8 +170,16 @@ def main(argv: list[str] | None = None) -> int:
             # The router reads its fleet from router.json; --fleet overrides it for this run.
             env={FLEET_ENV: str(a.fleet.resolve())} if a.fleet else {},
         )
+        with_openai = ROUTER_MODEL in loads and not a.no_openai
+        if with_openai and not port_is_free(a.openai_port, a.host):
+            raise PortInUse(
+                f"port {a.openai_port} (qlm-openai) is already in use on {a.host} "
+                "(pass --openai-port N or --no-openai)"
+            )
         if a.dry_run:
             print(" ".join(server.command()))
+            if with_openai:
+                print(" ".join(openai_command(a, repo, server.grpc_url)))
             return 0
     except (LaunchError, TritonNotFound, PortInUse, ValueError) as e:
         print(f"qlm-serve: error: {e}", file=sys.stderr)
@@ -131,25 +200,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qlm-serve: error: {e}", file=sys.stderr)
         return 1
     host = a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    openai_url = f"http://{host}:{a.openai_port}"
+    front = None
+    if with_openai:
+        try:
+            front = start_openai(openai_command(a, repo, server.grpc_url), openai_url)
+        except LaunchError as e:
+            print(f"qlm-serve: error: {e}", file=sys.stderr)
+            server.stop()
+            return 1
     eng = example_engine(loads)
-    router_hint = ""
+    router_hint = openai_line = ""
     if ROUTER_MODEL in loads:
         model = eng.split("__")[0]
         router_hint = (
             f"  curl -N http://{host}:{server.http_port}/v2/models/{ROUTER_MODEL}/generate_stream "
-            f'-d \'{{"text_input": "hi", "max_tokens": 8, "model": "{model}", "slo_class": "interactive"}}\'\n'
+            f'-d \'{{"text_input": "hi", "stream": true, "max_tokens": 8, "model": "{model}", "slo_class": "interactive"}}\'\n'
+        )
+    if front is not None:
+        key = (
+            ' -H "Authorization: Bearer $QLM_OPENAI_API_KEY"'
+            if os.environ.get("QLM_OPENAI_API_KEY")
+            else ""
+        )
+        openai_line = f"  OpenAI   {openai_url}/v1 (qlm-openai; docs/openai.md)\n"
+        router_hint = (
+            f"  curl -N {openai_url}/v1/chat/completions -H 'x-slo-class: interactive'{key} "
+            f'-d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "hi"}}], "stream": true}}\'\n'
+            + router_hint
         )
     print(
         f"\nQLM is ready in {took:.1f} s.\n"
         f"  HTTP     http://{host}:{server.http_port}\n"
         f"  gRPC     {host}:{server.grpc_port}\n"
         f"  metrics  http://{host}:{server.metrics_port}/metrics\n"
-        f"  models   {', '.join(loads)}\n"
+        + openai_line
+        + f"  models   {', '.join(loads)}\n"
         f"  model repository API: {'open' if not server.admin_key else 'restricted (header ' + repr(ADMIN_HEADER) + '; key in $' + ADMIN_KEY_ENV + ' or --admin-key)'}\n\n"
         "Try:\n"
         + router_hint
         + f"  curl -N http://{host}:{server.http_port}/v2/models/{eng}/generate_stream "
-        '-d \'{"text_input": "hi", "max_tokens": 8}\'\n\n'
+        '-d \'{"text_input": "hi", "stream": true, "max_tokens": 8}\'\n\n'
         "Ctrl-C stops the server.",
         flush=True,
     )
@@ -161,10 +252,16 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
                 return 1
+            if front is not None and front.poll() is not None:
+                print(f"qlm-serve: qlm-openai exited with code {front.returncode}", file=sys.stderr)
+                return 1
             time.sleep(0.2)
     finally:
+        # Triton first: the router ends its requests with an explicit error, which qlm-openai
+        # passes on to its clients before it stops.
         print("\nqlm-serve: stopping tritonserver ...", flush=True)
         server.stop()
+        stop_openai(front)
         print("qlm-serve: stopped", flush=True)
     return 0
 
