@@ -16,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
+
+import numpy as np
 
 from qlm_backend.contract import GenerateParams
 from qlm_backend.router.executor import Chunk, Executor, Flight, StopKind
@@ -74,6 +77,26 @@ def engine_fields(
     if priority is not None:
         fields["priority"] = int(priority)
     return fields
+
+
+class _Resume:
+    """What a resumed stream's outputs are relative to: the values the client already had."""
+
+    def __init__(self, extras: Mapping[str, Any]) -> None:
+        self.num_input_tokens = extras.get("num_input_tokens")
+        self.logprob_base = extras.get("cumulative_logprob")
+
+    def adjust(self, ch: Chunk) -> Chunk:
+        if not ch.extras:
+            return ch
+        x = dict(ch.extras)
+        if self.num_input_tokens is not None and "num_input_tokens" in x:
+            x["num_input_tokens"] = self.num_input_tokens
+        if self.logprob_base is not None and "cumulative_logprob" in x:
+            x["cumulative_logprob"] = np.asarray(self.logprob_base) + np.asarray(
+                x["cumulative_logprob"]
+            )
+        return replace(ch, extras=x)
 
 
 class StreamDriver:
@@ -138,6 +161,9 @@ class StreamDriver:
             return  # left before this task ran: no stream was opened, none may be now
         stream: EngineStream | None = None
         ended = False
+        # A resumed request's engine sees prompt + text so far: its prompt count and cumulative
+        # log-probability restart there. The client gets the first request's values.
+        resumed = _Resume(f.extras) if f.tokens_done else None
         try:
             name = self.engine_name(f.model, instance)
             stream = self.client_for(instance).stream(
@@ -148,7 +174,7 @@ class StreamDriver:
                 if not ex.is_live(sid):
                     return
                 ended = ch.finish_reason is not None
-                ex.on_chunk(sid, ch, self.clock())
+                ex.on_chunk(sid, resumed.adjust(ch) if resumed else ch, self.clock())
                 if ended:
                     return
         except EngineError as e:

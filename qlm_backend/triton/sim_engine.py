@@ -8,6 +8,7 @@ wall clock (scaled by `time_scale`); tokens are synthetic words (engine/tokens.p
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,12 +228,15 @@ class SimEngineModel:
         text = "".join(t.text for t in toks)
         if final and not act.params.stream and act.params.prepend_input:
             text = act.params.prompt + text
+        # As vLLM: log-probabilities exist only when the sampling parameters ask for them
+        # (`logprobs`); otherwise vllm_backend answers logprobs "null" and cumulative_logprob NaN.
+        asked = act.params.sampling.logprobs is not None
         arrays = output_arrays(
             act.params.returns,
             text,
             reason,
-            sum(t.logprob for t in act.tokens),
-            logprobs_json(toks),
+            sum(t.logprob for t in act.tokens) if asked else math.nan,
+            logprobs_json(toks) if asked else None,
             act.prompt_tokens,
             n_new,
         )

@@ -253,10 +253,8 @@ class VllmEngineModel:
         for key in d:
             if key not in self._sampling_fields:
                 raise ContractError(key, "is not a sampling parameter of this engine (vLLM 0.32)")
-        wants_lp = params.returns & {"return_logprobs", "return_cumulative_logprob"}
-        if wants_lp and d.get("logprobs") is None:
-            # vLLM computes log-probabilities only when asked; 0 = the sampled token's alone.
-            d["logprobs"] = 0
+        # No `logprobs` in the sampling parameters: vLLM computes none, and the return_* flags then
+        # give what Triton's vllm_backend gives: logprobs "null", cumulative_logprob NaN.
         # Deltas for every request (each output carries only what is new; vLLM merges them if we
         # fall behind): a non-streaming request gathers them and answers once, but its first token
         # is still seen when it comes, so the running / waiting gauges are right for it too.

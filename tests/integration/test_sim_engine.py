@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import urllib.request
 
@@ -22,7 +23,7 @@ def test_grpc_stream_sends_one_token_per_response_and_counts_them(triton):
         {
             "text_input": "hello there",
             "stream": True,
-            "sampling_parameters": '{"max_tokens": 12, "ignore_eos": true}',
+            "sampling_parameters": '{"max_tokens": 12, "ignore_eos": true, "logprobs": 0}',
             "return_num_output_tokens": True,
             "return_num_input_tokens": True,
             "return_finish_reason": True,
@@ -45,6 +46,25 @@ def test_grpc_stream_sends_one_token_per_response_and_counts_them(triton):
         b <= a for a, b in zip(cumulative, cumulative[1:], strict=False)
     )  # log-probs are <= 0
     assert len(res.text.split()) == 12
+
+
+def test_logprob_outputs_without_logprobs_asked_are_null_and_nan_as_vllm_backend(triton):
+    # vLLM computes log-probabilities only when the sampling parameters ask (`logprobs`):
+    # vllm_backend then returns logprobs "null" and cumulative_logprob NaN, whatever the flags say.
+    res = grpc_stream(
+        triton.grpc_url,
+        ENGINE,
+        {
+            "text_input": "hi",
+            "stream": True,
+            "sampling_parameters": '{"max_tokens": 3, "ignore_eos": true}',
+            "return_cumulative_logprob": True,
+            "return_logprobs": True,
+        },
+    )
+    assert res.error is None and res.responses
+    assert all(r["logprobs"] == "null" for r in res.responses)
+    assert all(math.isnan(r["cumulative_logprob"][0]) for r in res.responses)
 
 
 def test_non_streaming_response_prepends_the_prompt(triton):

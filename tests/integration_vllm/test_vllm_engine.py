@@ -76,7 +76,7 @@ def test_return_outputs_present_and_consistent(vllm_server: VllmServer) -> None:
         "return_num_input_tokens": True,
         "return_num_output_tokens": True,
     }
-    sp = {"max_tokens": 16, "ignore_eos": True}
+    sp = {"max_tokens": 16, "ignore_eos": True, "logprobs": 0}
     r = generate(
         vllm_server.grpc_url,
         PROMPT,
@@ -112,6 +112,19 @@ def test_return_outputs_present_and_consistent(vllm_server: VllmServer) -> None:
     assert len(json.loads(out["logprobs"][0])) == 16
     assert out["finish_reason"][0] == b"length"
     assert int(out["num_input_tokens"][0]) == int(r.replies[0].outputs["num_input_tokens"][0])
+    # Without `logprobs` in the sampling parameters vLLM computes none: as vllm_backend, the
+    # flags still return the outputs, as "null" and NaN.
+    no_lp = generate(
+        vllm_server.grpc_url,
+        PROMPT,
+        False,
+        {"max_tokens": 4, "ignore_eos": True},
+        outputs=ALL_OUTPUTS,
+        **flags,
+    )
+    assert no_lp.error is None
+    out = no_lp.replies[0].outputs
+    assert out["logprobs"][0] == b"null" and math.isnan(float(out["cumulative_logprob"][0]))
 
 
 @pytest.mark.parametrize(

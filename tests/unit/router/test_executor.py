@@ -73,7 +73,13 @@ class FakeStream:
             if self.model not in self.server.ready:
                 raise EngineError(f"{self.model}: unavailable", unavailable=True)
             self.produced += 1
-            yield Chunk(f" w{n0 + i}", 1, "length" if i == todo - 1 else None)
+            # As an engine sees it: its prompt is this stream's text_input, its cumulative
+            # log-probability counts this stream's tokens only (-0.5 each).
+            extras = {
+                "num_input_tokens": np.array([n0], dtype=np.uint32),
+                "cumulative_logprob": np.array([-0.5 * self.produced], dtype=np.float32),
+            }
+            yield Chunk(f" w{n0 + i}", 1, "length" if i == todo - 1 else None, extras)
 
 
 @dataclass
@@ -559,5 +565,24 @@ def test_a_stream_that_cannot_even_be_built_fails_the_request_loudly() -> None:
         await rig.until(lambda: "r1" not in rig.ex.flights)
         assert client.errors == [("internal error: 'bogus'", "internal")]
         assert rig.outcomes == [("r1", "failed")]
+
+    run(main())
+
+
+def test_a_resumed_request_reports_its_first_prompt_count_and_a_running_logprob_sum() -> None:
+    async def main() -> None:
+        rig = Rig()
+        rig.server.gate_after = 5
+        rig.admit("r1", prompt="tell me a story", max_tokens=12)
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: rig.ex.flights["r1"].tokens_done == 5)
+        rig.ex.execute(Evict("r1", "i-0"), 0.0)
+        rig.server.gate.set()
+        rig.ex.execute(pull("r1"), 0.0)
+        f = rig.ex.flights["r1"]
+        await rig.until(lambda: "r1" not in rig.ex.flights)
+        # The second engine saw 4 + 5 words of prompt and 7 tokens; the client sees the request's.
+        assert int(f.extras["num_input_tokens"][0]) == 4
+        assert float(f.extras["cumulative_logprob"][0]) == pytest.approx(-0.5 * 12)
 
     run(main())
