@@ -14,8 +14,14 @@ import triton_python_backend_utils as pb_utils
 
 from qlm_backend.core.decisions import PlanDecision
 from qlm_backend.core.manager import QueueStat
+from qlm_backend.router.executor import Flight
 
 PLANNER_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+# Seconds to first token and in the router's queue. The shipped classes' TTFT SLOs (20, 60, 3600 s)
+# are bucket bounds, so attainment per class reads off one bucket: le="<slo>" / count.
+LATENCY_BUCKETS = [
+    0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 45, 60, 120, 300, 600, 1800, 3600, 7200,
+]  # fmt: skip
 
 
 class RouterMetrics:
@@ -38,6 +44,19 @@ class RouterMetrics:
         self._lso = fam(
             "qlm_lso_total", "LLM serving operations carried out, by kind.", fam.COUNTER
         )
+        self._ttft = fam(
+            "qlm_ttft_seconds",
+            "Time to first token of finished requests, from receipt, per model and SLO class "
+            "(simulated seconds: wall seconds / time_scale).",
+            fam.HISTOGRAM,
+        )
+        self._queued = fam(
+            "qlm_queue_seconds",
+            "Time in the router's queue before the first dispatch, per model and SLO class "
+            "(simulated seconds).",
+            fam.HISTOGRAM,
+        )
+        self._latency: dict[tuple[str, str, str], Any] = {}
         self._plan = fam("qlm_planner_seconds", "Wall time of planner decisions.", fam.HISTOGRAM)
         self._fallback = fam(
             "qlm_solver_fallbacks_total", "Plans decided by the heuristic fallback.", fam.COUNTER
@@ -56,6 +75,26 @@ class RouterMetrics:
         if m is None:
             m = self._metrics[key] = fam.Metric(labels={**self._labels, **labels})
         return m
+
+    def ended(self, f: Flight, outcome: str, now: float) -> None:
+        """A request's outcome (the executor's on_outcome), and its latencies if it finished."""
+        self.outcome(f.slo_class, outcome)
+        if outcome in ("attained", "missed"):
+            ttft = None if f.first_token_s is None else f.first_token_s - f.arrival_s
+            queue = (f.pulled_s if f.pulled_s is not None else now) - f.arrival_s
+            self.latency(f.model, f.slo_class, ttft, queue)
+
+    def latency(self, model: str, slo_class: str, ttft_s: float | None, queue_s: float) -> None:
+        """A finished request's time to first token and queue time."""
+        for fam, name, value in ((self._ttft, "ttft", ttft_s), (self._queued, "queue", queue_s)):
+            if value is None:
+                continue
+            key = (name, model, slo_class)
+            m = self._latency.get(key)
+            if m is None:
+                labels = {**self._labels, "model": model, "slo_class": slo_class}
+                m = self._latency[key] = fam.Metric(labels=labels, buckets=LATENCY_BUCKETS)
+            m.observe(value)
 
     def outcome(self, slo_class: str, outcome: str) -> None:
         self._m(self._outcome, slo_class=slo_class, outcome=outcome).increment(1)

@@ -1,12 +1,8 @@
 """The `qlm` router as a Triton Python-backend model (decoupled): decode, validate, hand over, send.
 
-execute() only decodes and enqueues. One asyncio loop thread owns the core (QueueManager) and the
-executor (router/executor.py, the same one qlm-eval's simulator runs): it admits requests, plans on
-every event and on a tick, and the executor carries out the actions through the stream driver
-(router/stream_driver.py) over Triton gRPC (router/dispatch.py). Responses leave through
-`TritonSink` (triton/router_sink.py) from the relay's sender thread (router/relay.py), so a send's
-round trip to the server never stalls the loop. Every accepted request ends with a complete
-response or an explicit error, FINAL.
+One asyncio loop thread owns the core and the executor (router/executor.py, also run by qlm-eval),
+which acts through the stream driver over Triton gRPC; responses leave from the relay's thread
+(router/relay.py). Every accepted request ends with a complete response or an explicit error.
 """
 
 from __future__ import annotations
@@ -47,10 +43,8 @@ class RouterModel:
             raise pb_utils.TritonModelException(f"{name}: the router model must be decoupled")
         model_dir = Path(args["model_repository"])
         self.cfg = load_router_config(cfg, model_dir / args["model_version"])
-        fleet_path = Path(self.cfg.fleet_path())
-        fleet = load_fleet(
-            fleet_path if fleet_path.is_absolute() else model_dir.parent / fleet_path, strict=False
-        )
+        # Relative to the repository root (an absolute path stays as it is: pathlib's `/`).
+        fleet = load_fleet(model_dir.parent / self.cfg.fleet_path(), strict=False)
         # The fleet file may carry the engines' backends and the model of a request naming none.
         backends = {**fleet.extra.get("engine_backends", {}), **self.cfg.instance_backends}
         default_model = self.cfg.default_model or str(fleet.extra.get("default_model", ""))
@@ -82,7 +76,7 @@ class RouterModel:
         )
         self.ex = Executor(
             self.qm, self.driver, fleet.instances,
-            on_outcome=lambda f, o, now: self.metrics.outcome(f.slo_class, o),
+            on_outcome=self.metrics.ended,
             on_lso=self.metrics.lso, wake=self._wakeup, log=self._log,
         )  # fmt: skip
         self.driver.bind(self.ex)
@@ -112,7 +106,6 @@ class RouterModel:
             # Stamped on receipt: the loop may admit it later under load, and that wait is part of
             # the request's queueing (qlm_queue_s, its deadline, its TTFT).
             self.loop.call(self._admit, sender, rr, time.monotonic())
-        return None
 
     def finalize(self) -> None:
         self._closing = True

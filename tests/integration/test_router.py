@@ -392,6 +392,21 @@ def test_metrics_endpoint_shows_the_router_metrics(triton):
         )
         is not None
     )
+    # Per model and class: time to first token and queue time, with the class's SLO as a bucket
+    # bound, so attainment is le="20" / count from Prometheus alone.
+    labels = {"router": "qlm", "model": "mistral-7b", "slo_class": "interactive"}
+    for name in ("qlm_ttft_seconds", "qlm_queue_seconds"):
+        count = metric_value(text, f"{name}_count", **labels) or 0
+        assert count >= 1, name
+        slo_bucket = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith(f"{name}_bucket{{")
+            and all(f'{k}="{v}"' in ln for k, v in labels.items())
+            and 'le="20"' in ln
+        ]
+        assert len(slo_bucket) == 1, name
+        assert 0 <= float(slo_bucket[0].rpartition(" ")[2]) <= count
 
 
 def test_model_repository_api_refuses_clients_without_the_key(triton):
