@@ -81,3 +81,16 @@ def test_far_deadline_work_is_not_refused_for_a_short_burst() -> None:
     flood(qm, 120, interactive_every=5)
     r = make_request("late", "mistral-7b", "batch-2", 12.0)
     assert qm.add_request(r, 12.0) is None
+
+
+def test_a_shed_reason_says_when_the_first_token_could_come_even_when_p_is_zero() -> None:
+    # A 1 ms deadline behind a full instance: P(meet) is 0 everywhere, yet the instance serves the
+    # model, so the reason gives the earliest first-token time (clients derive Retry-After from it)
+    # rather than "no instance serves it".
+    qm = make_manager()
+    flood(qm, 30)
+    rej = qm.add_request(
+        make_request("late", "mistral-7b", "batch-1", 3.0, deadline_s=3.001, max_tokens=256), 3.0
+    )
+    assert rej is not None and "no instance serves it" not in rej.reason
+    assert "first token in ~" in rej.reason

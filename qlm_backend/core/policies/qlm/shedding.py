@@ -114,8 +114,9 @@ def shed_reason(req: Request, ctx: PlanContext, now: float) -> str | None:
         if t == math.inf:
             continue
         p = p_meet_at(req.deadline_s, t, now, ctx.config.rel_std_floor)
-        if p > best_p:
-            best_p, best_t = p, t
+        # The earliest first token, whatever its P(meet): when P underflows to 0 everywhere the
+        # reason still says when a served instance could start it (clients read Retry-After off it).
+        best_p, best_t = max(best_p, p), min(best_t, t)
         if best_p >= ctx.config.shed_p_threshold:
             return None
     wait = (
