@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qlm_backend.openai_front.config import FrontConfig
 from qlm_backend.openai_front.errors import OpenAIError, from_router, unknown_model
+from qlm_backend.openai_front.metrics import FrontMetrics
 from qlm_backend.openai_front.shapes import Shapes, Tally, model_card, model_list
 from qlm_backend.openai_front.sse import STOPPING, SSEResponse, stream_events, until_disconnect
 from qlm_backend.openai_front.translate import RouterCall, parse_body, parse_chat, parse_completion
@@ -94,6 +95,7 @@ def create_app(
     started = int(time.time())
 
     inflight: set[asyncio.Task[Any]] = set()
+    metrics = FrontMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -113,7 +115,14 @@ def create_app(
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        if request.url.path.startswith("/v1/") and request.method == "POST":
+            model, slo_class = getattr(request.state, "labels", (None, None))
+            metrics.answered(model, slo_class, exc.status)
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -152,7 +161,23 @@ def create_app(
         slo_class = call.slo.slo_class or cfg.fleet.default_class
         shapes = Shapes(call, slo_class)
         headers = {"x-qlm-slo-class": slo_class}
+        request.state.labels = (call.model, slo_class)
+        t0 = time.monotonic()
         stream: RouterStream = request.app.state.router.open(call.fields())
+        stream.on_first_token = lambda: metrics.first_token(
+            call.model, slo_class, time.monotonic() - t0
+        )
+        resp = await answer(request, call, shapes, headers, stream)
+        metrics.answered(call.model, slo_class, resp.status_code)
+        return resp
+
+    async def answer(
+        request: Request,
+        call: RouterCall,
+        shapes: Shapes,
+        headers: dict[str, str],
+        stream: RouterStream,
+    ) -> Response:
 
         def error_for(e: RouterError) -> OpenAIError:
             params = call.params or {}

@@ -11,7 +11,7 @@ call (gRPC status name).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,8 @@ class RouterStream:
         self._ended = asyncio.Event()  # the request has ended: the stream may close
         self.finished = False  # the final response or an error arrived
         self.cancelled = False
+        # Called once, when the first response with a token arrives (the front's TTFT metric).
+        self.on_first_token: Callable[[], object] | None = None
         self._it = client.stream_infer(inputs_iterator=self._requests())
         self._task = asyncio.get_running_loop().create_task(self._pump())
 
@@ -96,6 +98,9 @@ class RouterStream:
                     )
                     return
                 piece = decode(result)
+                if piece.tokens > 0 and self.on_first_token is not None:
+                    self.on_first_token()
+                    self.on_first_token = None
                 if piece.final:
                     self._end(piece)
                     return

@@ -283,6 +283,14 @@ def test_a_shed_request_is_429_with_retry_after(triton, tmp_path_factory):
                 assert "request shed" in e.value.body["message"]
                 assert e.value.body["code"] == "rate_limit_exceeded"
             assert rejected() == r0 + 2
+            # qlm-openai's own metrics (prometheus-client on /metrics): the two 429s by class and
+            # model, and the fillers' times to first token.
+            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            mb = {"model": "mistral-7b", "slo_class": "batch-2", "code": "429"}
+            assert metric_value(text, "qlm_openai_requests_total", **mb) == 2
+            ttft = {"model": "mistral-7b", "slo_class": "batch-1"}
+            assert (metric_value(text, "qlm_openai_ttft_seconds_count", **ttft) or 0) >= 4
         finally:
             for s in fillers:
                 s.close()  # and so cancelled
