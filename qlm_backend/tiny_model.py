@@ -5,8 +5,14 @@ Nothing is downloaded: the architecture is transformers' LlamaConfig, the weight
 this package. The engine that runs it is real vLLM (batching, KV cache, priority, abort); the text
 it produces is meaningless by design.
 
+Two named models (TINY_MODELS), both served by the CPU fleet's instance, which swaps between them:
+`tiny-llama` (2 layers) and `tiny-llama-deep` (the same with 4 layers: twice the layer work and
+KV per token, another engine model to load).
+
 Run with the interpreter of .venv-vllm (it has torch, transformers and tokenizers):
-    .venv-vllm/bin/python -m qlm_backend.tiny_model [--out DIR] [--hidden-size N] ...
+    .venv-vllm/bin/python -m qlm_backend.tiny_model              # every named model, .qlm/models/<name>
+    .venv-vllm/bin/python -m qlm_backend.tiny_model --name tiny-llama-deep
+    .venv-vllm/bin/python -m qlm_backend.tiny_model --out DIR [--hidden-size N] ...
 The build is cached: when DIR holds a build of the same spec (sizes, seed, corpus hash) it is kept.
 """
 
@@ -21,7 +27,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_OUT = Path(".qlm/models/tiny-llama")
+MODELS_DIR = Path(".qlm/models")
+DEFAULT_OUT = MODELS_DIR / "tiny-llama"
 DEFAULT_CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 # Written last, so a build interrupted half way is never taken for a complete one.
 STAMP = "qlm_tiny_model.json"
@@ -61,6 +68,23 @@ class TinySpec:
         # 256 byte symbols plus the special tokens must fit, with room for merges.
         if self.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
             raise ValueError(f"vocab_size must be > {256 + len(SPECIAL_TOKENS)}")
+
+
+# The named models (hardware.py MODELS has their shapes for the planner): name -> spec overrides.
+TINY_MODELS: dict[str, dict[str, int]] = {
+    "tiny-llama": {},
+    "tiny-llama-deep": {"num_hidden_layers": 4},
+}
+SPEC_FLAGS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "seed",
+)
 
 
 def _sha256(path: Path) -> str:
@@ -154,48 +178,54 @@ def main(argv: list[str] | None = None) -> int:
     d = TinySpec()
     ap = argparse.ArgumentParser(
         prog="qlm-build-tiny-model",
-        description="Build a tiny random-weight Llama with a locally trained byte-level BPE "
-        "tokenizer (nothing downloaded). Cached: an existing build of the same spec is kept.",
+        description="Build tiny random-weight Llamas with a locally trained byte-level BPE "
+        "tokenizer (nothing downloaded). Cached: an existing build of the same spec is kept. "
+        f"Without --name or --out: every named model ({', '.join(TINY_MODELS)}) into "
+        f"{MODELS_DIR}/<name>.",
     )
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output dir (%(default)s)")
+    ap.add_argument("--name", choices=sorted(TINY_MODELS), help="build this named model only")
+    ap.add_argument(
+        "--out", type=Path, default=None, help=f"output dir (default {MODELS_DIR}/<name>)"
+    )
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="tokenizer training text")
-    ap.add_argument("--hidden-size", type=int, default=d.hidden_size)
-    ap.add_argument("--intermediate-size", type=int, default=d.intermediate_size)
-    ap.add_argument("--num-hidden-layers", type=int, default=d.num_hidden_layers)
-    ap.add_argument("--num-attention-heads", type=int, default=d.num_attention_heads)
-    ap.add_argument("--num-key-value-heads", type=int, default=d.num_key_value_heads)
-    ap.add_argument("--vocab-size", type=int, default=d.vocab_size)
-    ap.add_argument("--max-position-embeddings", type=int, default=d.max_position_embeddings)
-    ap.add_argument("--seed", type=int, default=d.seed)
+    for flag in SPEC_FLAGS:
+        ap.add_argument(
+            "--" + flag.replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"override the named model's value (tiny-llama: {getattr(d, flag)})",
+        )
     ap.add_argument("--force", action="store_true", help="rebuild even when cached")
     args = ap.parse_args(argv)
 
     if not args.corpus.is_file():
         print(f"error: corpus {args.corpus} not found", file=sys.stderr)
         return 2
-    spec = TinySpec(
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_hidden_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_key_value_heads,
-        vocab_size=args.vocab_size,
-        max_position_embeddings=args.max_position_embeddings,
-        seed=args.seed,
-        corpus_sha256=_sha256(args.corpus),
-    )
-    try:
-        spec.validate()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    t0 = time.monotonic()
-    built = build(args.out, spec, args.corpus, force=args.force)
-    size_mb = _dir_bytes(args.out) / 1e6
-    if built:
-        print(f"built {args.out} in {time.monotonic() - t0:.1f} s ({size_mb:.1f} MB)")
+    overrides = {f: getattr(args, f) for f in SPEC_FLAGS if getattr(args, f) is not None}
+    if args.name is None and args.out is None:
+        if overrides:
+            print("error: size flags need --name or --out", file=sys.stderr)
+            return 2
+        targets = [(n, MODELS_DIR / n) for n in TINY_MODELS]
     else:
-        print(f"{args.out} is up to date ({size_mb:.1f} MB)")
+        name = args.name or "tiny-llama"
+        targets = [(name, args.out or MODELS_DIR / name)]
+    corpus_sha = _sha256(args.corpus)
+    for name, out in targets:
+        fields = {**TINY_MODELS[name], **overrides, "corpus_sha256": corpus_sha}
+        spec = TinySpec(**fields)
+        try:
+            spec.validate()
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        t0 = time.monotonic()
+        built = build(out, spec, args.corpus, force=args.force)
+        size_mb = _dir_bytes(out) / 1e6
+        if built:
+            print(f"built {out} in {time.monotonic() - t0:.1f} s ({size_mb:.1f} MB)")
+        else:
+            print(f"{out} is up to date ({size_mb:.1f} MB)")
     return 0
 
 

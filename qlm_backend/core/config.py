@@ -130,6 +130,11 @@ class ManagerConfig:
     swap_hysteresis: float = 1.0
     min_resident_s: float = 10.0  # a freshly loaded model stays at least this long if it has work
     warm_slots_per_host: int = 2
+    # Plans cost a model load at the mean of the loads measured on that (model, GPU, TP, warm/cold)
+    # (SwapModel to on_model_loaded) once one was seen, instead of the datasheet figure (perf.load_s):
+    # a real engine's load is dominated by its start-up (a vLLM engine on the CPU fleet: tens of
+    # seconds, docs/engines.md), which no datasheet gives.
+    measured_load_costs: bool = True
     shed_p_threshold: float = 0.02  # reject a sheddable request whose best P(meet) is below this
     # Time constant of the per-(model, class) arrival rates that admission reserves capacity for:
     # long enough to smooth Poisson noise at a few requests/s, short enough to see a burst.

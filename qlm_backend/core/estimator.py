@@ -206,6 +206,9 @@ class RwtEstimator:
         self._perf: dict[tuple[str, str, int], PerfModel | None] = {}
         self._profiles: dict[tuple[str, str, int, int], ServiceProfile] = {}
         self.recal = Recalibrator(config.ewma_alpha, enabled=config.recalibrate)
+        # Measured model loads, (model, gpu, tp, warm) -> (count, mean seconds): once a load was
+        # seen, plans cost a load at its mean instead of the datasheet figure (perf.load_s).
+        self._loads: dict[tuple[str, str, int, bool], tuple[int, float]] = {}
 
     # ------------------------------------------------------------------ statistics
     def output_stats(self, model: str, slo_class: str) -> tuple[float, float]:
@@ -442,8 +445,25 @@ class RwtEstimator:
         return SlotClock(prof.batch, rem).start(0, sum(rem))
 
     def load_s(self, model: str, spec: InstanceSpec, warm: bool) -> float:
+        """What a load of `model` on this kind of instance costs: the mean of the loads measured
+        so far (observe_load), else the datasheet figure (the roofline's perf.load_s)."""
+        seen = self._loads.get((model, spec.gpu, spec.tp, warm))
+        if seen is not None:
+            return seen[1]
         p = self.profile(model, spec)
         return p.load_warm_s if warm else p.load_cold_s
+
+    def observe_load(self, model: str, spec: InstanceSpec, warm: bool, seconds: float) -> None:
+        """A load of `model` took `seconds` (from its SwapModel to the model serving)."""
+        if not (seconds >= 0 and math.isfinite(seconds)):
+            return
+        key = (model, spec.gpu, spec.tp, warm)
+        n, mean = self._loads.get(key, (0, 0.0))
+        self._loads[key] = (n + 1, mean + (seconds - mean) / (n + 1))
+
+    def measured_loads(self) -> dict[tuple[str, str, int, bool], tuple[int, float]]:
+        """(model, gpu, tp, warm) -> (loads seen, mean seconds)."""
+        return dict(self._loads)
 
     # ------------------------------------------------------------------ queue forecast
     def forecast_queue(

@@ -13,12 +13,15 @@ JSON shape::
       "instances": [
         {"instance_id": "a10", "count": 4, "gpu": "A10", "tp": 1,
          "models_allowed": ["mistral-7b", "llama-3-8b"], "initial_model": "mistral-7b",
-         "max_in_flight": 32, "host": "node-0"}
+         "max_in_flight": 32, "host": "node-0", "warm_start": true}
       ]
     }
 
 `count` > 1 expands to instance ids `a10-0` ... `a10-3`; `tp` defaults to the smallest degree the
-model set fits on; `host` defaults to the instance id (one host per instance).
+model set fits on; `host` defaults to the instance id (one host per instance). `warm_start` (default
+true) says whether the instance's engine can start a model from host memory: false for engines
+whose swap is always an unload and a cold load (the real vLLM engines of the CPU fleet until they
+sleep and wake), so the plan never counts on a warm start there (no KeepWarm, every swap cold).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class InstanceSpec:
     initial_model: str | None = None
     max_in_flight: int = 32
     host: str = ""
+    warm_start: bool = True  # whether a swap may start the model from host memory (see above)
 
     def __post_init__(self) -> None:
         if not self.models_allowed:
@@ -101,6 +105,7 @@ _INSTANCE_KEYS = {
     "initial_model",
     "max_in_flight",
     "host",
+    "warm_start",
 }
 _TOP_KEYS = {"instances", "slo_classes", "warm_slots_per_host", "default_model"}
 
@@ -152,6 +157,9 @@ def _instances_from(d: Mapping[str, Any], where: str) -> list[InstanceSpec]:
         raise ValueError(f"{where}.max_in_flight: expected an integer >= 1, got {mif!r}")
     base = str(d["instance_id"])
     host = d.get("host")
+    warm_start = d.get("warm_start", True)
+    if not isinstance(warm_start, bool):
+        raise ValueError(f"{where}.warm_start: expected true or false, got {warm_start!r}")
     out = []
     for k in range(count):
         iid = base if count == 1 else f"{base}-{k}"
@@ -164,6 +172,7 @@ def _instances_from(d: Mapping[str, Any], where: str) -> list[InstanceSpec]:
                 initial_model=initial,
                 max_in_flight=mif,
                 host=str(host) if host is not None else iid,
+                warm_start=warm_start,
             )
         )
     return out

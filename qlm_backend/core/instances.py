@@ -17,6 +17,7 @@ class InstanceState:
     loading: str | None = None  # model being loaded by an emitted SwapModel
     loaded_s: float = float("-inf")  # when `model` became ready (or the load started)
     ready_s: float = float("-inf")  # expected end of a load in progress
+    loading_warm: bool = False  # whether the SwapModel of the load in progress said warm
     healthy: bool = True
     in_flight: set[str] = field(default_factory=set)
     last_evict_s: float = float("-inf")

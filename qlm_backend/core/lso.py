@@ -11,7 +11,8 @@
   and only then gets a SwapModel (so it never holds two models' requests at once). Whether a swap is
   worth it (hysteresis) is the policy's call when it orders the queue.
 - Warm start: the model swapped out is kept in host memory (KeepWarm), releasing the least recently
-  used one past the host's slots (Release).
+  used one past the host's slots (Release); not on an instance whose engine cannot start warm
+  (InstanceSpec.warm_start false: every swap there is cold).
 - Eviction: the policy names requests; here the resume mode is chosen (KV swap when copying the KV
   cache out and back is cheaper than recomputing the prefill) and the per-request cap enforced.
 - Load balancing shows as Rebalance notices when a group's instance changed between plans.
@@ -208,9 +209,10 @@ def execute_plan(
                 continue
             host = inst.spec.host
             warm_models = warm_local.setdefault(host, ctx.warm.models(host))
-            warm = head_model in warm_models
+            # An engine that cannot start from host memory swaps cold and keeps nothing warm.
+            warm = inst.spec.warm_start and head_model in warm_models
             actions.append(SwapModel(iid, inst.model, head_model, warm))
-            if traits.warm_start and slots > 0:
+            if traits.warm_start and slots > 0 and inst.spec.warm_start:
                 if inst.model is not None:
                     if inst.model in warm_models:
                         warm_models.remove(inst.model)

@@ -276,6 +276,7 @@ class QueueManager:
                 assert not inst.in_flight, "swap emitted on a busy instance"
                 inst.loading, inst.model = a.to_model, None
                 inst.loaded_s = now  # load start; on_model_loaded sets the ready time
+                inst.loading_warm = a.warm
                 inst.ready_s = now + self.estimator.load_s(a.to_model, inst.spec, a.warm)
                 self.counters["swaps"] += 1
                 self.counters["warm_starts" if a.warm else "cold_starts"] += 1
@@ -340,6 +341,11 @@ class QueueManager:
         inst = self.instances[instance_id]
         if inst.loading is not None and inst.loading != model:
             raise ValueError(f"{instance_id}: loaded {model!r} but {inst.loading!r} was requested")
+        if inst.loading is not None and self.config.measured_load_costs:
+            # The end of a SwapModel's load (a recovery's reload, with no SwapModel, is not
+            # measured): from the swap's time (loaded_s) to now, the old model's unload included.
+            self.estimator.observe_load(model, inst.spec, inst.loading_warm, now - inst.loaded_s)
+            self.counters["loads_measured"] += 1
         inst.loading, inst.model, inst.loaded_s = None, model, now
         inst.healthy = True
         self._dirty = "model loaded"

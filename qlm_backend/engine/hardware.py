@@ -316,6 +316,22 @@ MODELS["tiny-llama"] = ModelSpec(
     4,
     "qlm_backend/tiny_model.py defaults (random weights, locally trained BPE tokenizer)",
 )
+MODELS["tiny-llama-deep"] = ModelSpec(
+    # tiny-llama with 4 layers instead of 2 (qlm_backend/tiny_model.py TINY_MODELS): 1.10 M
+    # parameters (counted in the built safetensors), 4.4 MB in fp32; twice the KV per token. The
+    # CPU instance swaps between the two (model_repository/fleet-vllm.json).
+    "tiny-llama-deep",
+    1.10e6,
+    4,
+    128,
+    4,
+    2,
+    32,
+    2000,
+    8192,
+    4,
+    "qlm_backend/tiny_model.py TINY_MODELS['tiny-llama-deep'] (random weights, same tokenizer)",
+)
 GPUS["cpu-2core"] = GpuSpec(
     # memory_bytes: sized so that PerfModel's KV capacity equals the engine's 256 MiB KV cache
     # (usable = memory x GPU_MEMORY_UTILIZATION - ACTIVATION_RESERVE_BYTES - weights).

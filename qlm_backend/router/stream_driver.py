@@ -193,6 +193,7 @@ class StreamDriver:
         ex = self.ex
         assert ex is not None
         client = self.client_for(instance)
+        t0 = self.clock()
         try:
             if from_model:
                 await client.unload(self.engine_name(from_model, instance))
@@ -206,8 +207,13 @@ class StreamDriver:
         except Exception as e:  # noqa: BLE001 - a failed load fails the instance; recovery retries
             ex.on_load_failed(instance, to_model, repr(e), self.clock())
             return
-        self.log("info", f"{instance}: {from_model} -> {to_model} ({'warm' if warm else 'cold'})")
-        ex.on_loaded(instance, to_model, self.clock())
+        now = self.clock()
+        self.log(
+            "info",
+            f"{instance}: {from_model} -> {to_model} ({'warm' if warm else 'cold'}) "
+            f"in {now - t0:.1f} s",
+        )
+        ex.on_loaded(instance, to_model, now)
 
     async def _recover(self, instance: str, model: str) -> None:
         """Reload the model (or find it ready) with exponential backoff until it serves."""

@@ -53,6 +53,7 @@ from qlm_backend.triton.glue import (
     send_error,
 )
 from qlm_backend.vllm_engine.config import VllmEngineArgs, load_engine_args
+from qlm_backend.vllm_engine.trace import lifecycle_line
 
 # How often a request that produced no output is asked whether its client left: each poll is one
 # IPC, so per request and interval, not per token (docs/triton-vllm-facts.md section 6).
@@ -197,7 +198,10 @@ class VllmEngineModel:
         # Prompt length is checked in execute() against max_model_len, so an over-long prompt is
         # refused at once with the field named. Same files vLLM loads, so counts agree.
         self._tokenizer = AutoTokenizer.from_pretrained(self.engine_args.model)
-        self.load_s = time.monotonic() - t0
+        t_ready = time.monotonic()
+        self.load_s = t_ready - t0
+        # The engine's trace of its load (qlm_backend/vllm_engine/trace.py parses it back).
+        self.logger.log_info(lifecycle_line(self.name, "load", t0, t_ready))
         self.logger.log_info(
             f"{self.name}: vLLM engine ready in {self.load_s:.1f} s "
             f"(model {self.engine_args.model}, max_num_seqs {self.engine_args.max_num_seqs}, "
@@ -464,6 +468,7 @@ class VllmEngineModel:
     # --- unload ---------------------------------------------------------------------------------
     def finalize(self) -> None:
         """Drain (new requests get UNAVAILABLE), then stop the engine processes and the threads."""
+        t0 = time.monotonic()
         self._closing = True
         try:
             self.loop.submit(self._drain()).result(timeout=DRAIN_TIMEOUT_S + 5)
@@ -478,6 +483,7 @@ class VllmEngineModel:
         self._io.stop()
         if self.metrics is not None:
             self.metrics.close()
+        self.logger.log_info(lifecycle_line(self.name, "unload", t0, time.monotonic()))
         self.logger.log_info(f"{self.name}: vLLM engine stopped")
 
     async def _drain(self) -> None:

@@ -5,11 +5,46 @@ glue, when vLLM's scheduler queued and scheduled it, vLLM's first and last token
 CLOCK_MONOTONIC), when the glue sent the first response, when the request ended, and its token
 counts. Benches and tests judge engine-side timing from them: what a
 Python client sees on a busy 2-core machine adds its own stalls (seen up to seconds).
+
+Beside them, whatever TRACE_REQUESTS says, one line per load and unload of the engine model (its
+lifecycle: initialize() from its start to the engine ready, finalize() from the unload request to
+the engine processes stopped), so that a swap shows in the engine's own log with its times.
 """
 
 from __future__ import annotations
 
 MARK = ": trace rid="
+LIFECYCLE_MARK = ": lifecycle event="
+LIFECYCLE_EVENTS = ("load", "unload")
+
+
+def lifecycle_line(model: str, event: str, start: float, end: float) -> str:
+    """The log line of one load or unload of engine model `model` (monotonic seconds)."""
+    if event not in LIFECYCLE_EVENTS:
+        raise ValueError(f"lifecycle event must be one of {LIFECYCLE_EVENTS}, got {event!r}")
+    return (
+        f"{model}: lifecycle event={event} start={start:.4f} end={end:.4f} "
+        f"seconds={end - start:.3f}"
+    )
+
+
+def parse_lifecycle_lines(log_text: str) -> list[dict[str, str | float]]:
+    """Every load / unload line, in log order: {model, event, start, end, seconds}."""
+    out: list[dict[str, str | float]] = []
+    for line in log_text.splitlines():
+        if LIFECYCLE_MARK not in line:
+            continue
+        head, body = line.split(": lifecycle ", 1)
+        model = head.rsplit(" ", 1)[-1].lstrip('"')
+        kv = dict(f.split("=", 1) for f in body.rstrip('"').split() if "=" in f)
+        out.append(
+            {
+                "model": model,
+                "event": kv["event"],
+                **{k: float(kv[k]) for k in ("start", "end", "seconds")},
+            }
+        )
+    return out
 
 
 def parse_trace_lines(log_text: str) -> dict[str, dict[str, float]]:
@@ -28,4 +63,4 @@ def parse_trace_lines(log_text: str) -> dict[str, dict[str, float]]:
     return out
 
 
-__all__ = ["parse_trace_lines"]
+__all__ = ["lifecycle_line", "parse_lifecycle_lines", "parse_trace_lines"]

@@ -4,12 +4,17 @@ Beside the engine it serves three `qlm` routers over that one engine (issue 6's 
 real engine): `qlm-vllm` (policy qlm: orders in the router, pulls as seats free), `priority-vllm`
 (policy priority: dispatches at once with the class priority, which vLLM's priority scheduling
 orders by) and `fcfs-vllm` (policy fcfs, no priority: the baseline). A router owns its instances;
-these share cpu-0 only because its fleet allows one model (no router ever swaps it) and the tests
+these share cpu-0 only because their fleet allows one model (none of them swaps it) and the tests
 use one router at a time. A second engine would cost ~2.3 GB RSS and a second load.
+
+A fourth router, `swap-vllm` (policy qlm), has cpu-0 allow both tiny real models, `tiny-llama` and
+`tiny-llama-deep`: its test (test_swap_vllm.py) swaps the instance tiny-llama -> deep -> tiny-llama
+through Triton's model control API. The deep engine model is in the repository but not loaded at
+start; that test runs after the other routers' tests (file order) and leaves tiny-llama loaded.
 
 The engine is the shipped `tiny-llama__cpu-0` with test settings: max_num_seqs 2, so that a handful
 of long requests fills the engine and the rest queue (the priority test needs a queue). It needs
-.venv-vllm (scripts/setup-vllm.sh); the tiny model is built here if missing (cached, seconds).
+.venv-vllm (scripts/setup-vllm.sh); the tiny models are built here if missing (cached, seconds).
 Without .venv-vllm the tests skip, unless QLM_REQUIRE_VLLM=1 (make test sets it), then they fail.
 """
 
@@ -35,6 +40,10 @@ from qlm_backend.vllm_engine.trace import parse_trace_lines
 ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("QLM_VLLM_VENV", ROOT / ".venv-vllm"))
 TINY = ROOT / ".qlm" / "models" / "tiny-llama"
+DEEP_ENGINE = "tiny-llama-deep__cpu-0"
+DEEP = ROOT / ".qlm" / "models" / "tiny-llama-deep"
+SWAP_ROUTER = "swap-vllm"
+SWAP_FLEET_FILE = "fleet-vllm-swap-test.json"
 MAX_NUM_SEQS = 2
 RESULTS = ROOT / "results" / "integration_vllm.json"
 ADMIN_KEY = "vllm-test-admin-key"  # the repository API is restricted, as in the shipped deployment
@@ -88,21 +97,21 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
     py = VENV / "bin" / "python"
     if not py.exists():
         _require(f"no vLLM venv at {VENV}: run scripts/setup-vllm.sh")
-    subprocess.run(
-        [str(py), "-m", "qlm_backend.tiny_model", "--out", str(TINY)], check=True, cwd=ROOT
-    )
+    # Every named tiny model (tiny-llama, tiny-llama-deep) into .qlm/models/<name>, as make does.
+    subprocess.run([str(py), "-m", "qlm_backend.tiny_model"], check=True, cwd=ROOT)
     repo = tmp_path_factory.mktemp("vllm-repo")
-    src = ROOT / "model_repository" / ENGINE
-    dst = repo / ENGINE
-    shutil.copytree(src, dst)
-    args = json.loads((src / "1" / "model.json").read_text())
-    args.update(model=str(TINY), max_num_seqs=MAX_NUM_SEQS)
-    (dst / "1" / "model.json").write_text(json.dumps(args, indent=2))
-    cfg = (dst / "config.pbtxt").read_text()
-    cfg = cfg.replace("$$TRITON_MODEL_DIRECTORY/../../.venv-vllm", str(VENV))
-    # One log line per request with engine-side times: what the priority test compares.
-    cfg += '\nparameters { key: "TRACE_REQUESTS" value { string_value: "true" } }\n'
-    (dst / "config.pbtxt").write_text(cfg)
+    for engine, model_dir in ((ENGINE, TINY), (DEEP_ENGINE, DEEP)):
+        src = ROOT / "model_repository" / engine
+        dst = repo / engine
+        shutil.copytree(src, dst)
+        args = json.loads((src / "1" / "model.json").read_text())
+        args.update(model=str(model_dir), max_num_seqs=MAX_NUM_SEQS)
+        (dst / "1" / "model.json").write_text(json.dumps(args, indent=2))
+        cfg = (dst / "config.pbtxt").read_text()
+        cfg = cfg.replace("$$TRITON_MODEL_DIRECTORY/../../.venv-vllm", str(VENV))
+        # One log line per request with engine-side times: what the priority test compares.
+        cfg += '\nparameters { key: "TRACE_REQUESTS" value { string_value: "true" } }\n'
+        (dst / "config.pbtxt").write_text(cfg)
     (repo / FLEET_FILE).write_text(
         json.dumps(
             {
@@ -120,6 +129,33 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
             indent=2,
         )
     )
+    (repo / SWAP_FLEET_FILE).write_text(
+        json.dumps(
+            {
+                "instances": [
+                    {
+                        "instance_id": "cpu-0",
+                        "gpu": "cpu-2core",
+                        "models_allowed": ["tiny-llama", "tiny-llama-deep"],
+                        "initial_model": "tiny-llama",
+                        "max_in_flight": MAX_NUM_SEQS,
+                        # The real engine's swap is an unload and a cold load (as fleet-vllm.json).
+                        "warm_start": False,
+                    }
+                ]
+            },
+            indent=2,
+        )
+    )
+    write_router(
+        repo,
+        {
+            "policy": "qlm",
+            "fleet": SWAP_FLEET_FILE,
+            "instance_backends": {"cpu-0": "qlm-vllm"},
+        },
+        name=SWAP_ROUTER,
+    )
     for router, policy in ROUTERS.items():
         write_router(
             repo,
@@ -136,7 +172,10 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
     # one in between ("Address already in use"): retry with fresh ports.
     for attempt in range(3):
         server = TritonServer(
-            repo, load_models=[ENGINE, *ROUTERS], log_path=log, admin_key=ADMIN_KEY
+            repo,
+            load_models=[ENGINE, *ROUTERS, SWAP_ROUTER],
+            log_path=log,
+            admin_key=ADMIN_KEY,
         )
         try:
             load_s = server.start(timeout_s=300)
