@@ -12,7 +12,8 @@ SOAK_ARGS ?= --minutes 30
 
 .PHONY: setup setup-vllm serve serve-vllm test test-fast lint typecheck unit integration test-vllm \
         test-slow eval loadtest soak bench-planner bench-router bench-relay bench-realtime bench-fidelity calibrate \
-        bench-overload bench-calibration eval-dev eval-report docs-images fmt clean
+        bench-overload bench-calibration eval-dev eval-report docs-images fmt clean \
+        test-observability
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -59,6 +60,12 @@ test: setup setup-vllm lint typecheck
 # Without the real vLLM engine (for quick local iterations).
 test-fast: setup lint typecheck
 	$(BIN)/pytest -q -m "not slow and not vllm" --ignore=tests/integration_vllm $(PYTEST_ARGS)
+
+# Prometheus rules and a real scrape (issue 17): promtool check/test of docker/prometheus (Debian's
+# `prometheus` package, installed when missing), then qlm-serve + a real Prometheus loading the rules,
+# checked over its HTTP API (scripts/test-observability.sh). Not part of `make test`.
+test-observability: setup
+	PY=$(BIN)/python scripts/test-observability.sh
 
 test-slow: setup
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)

@@ -223,3 +223,9 @@ def test_vllm_metrics_are_exported_per_engine(triton):
         text = r.read().decode()
     assert (metric_value(text, "vllm:generation_tokens_total", model=ENGINE) or 0) >= 4
     assert (metric_value(text, "vllm:time_to_first_token_seconds_count", model=ENGINE) or 0) >= 1
+    # vLLM's names with their meaning: the per-request mean TPOT under the per-request histogram,
+    # nothing under the per-token ones.
+    tpot = "vllm:request_time_per_output_token_seconds_count"
+    assert (metric_value(text, tpot, model=ENGINE) or 0) >= 1
+    assert "vllm:time_per_output_token_seconds" not in text
+    assert "vllm:inter_token_latency_seconds" not in text

@@ -22,6 +22,7 @@ from tritonclient.grpc import model_config_pb2
 from qlm_backend import deploy
 from qlm_backend.contract import VLLM_BACKEND_INPUTS, VLLM_BACKEND_OUTPUTS
 from qlm_backend.core.fleet import parse_fleet
+from qlm_backend.core.slo import DEFAULT_SLO_CLASSES
 from qlm_backend.engine import hardware as hw
 from qlm_backend.engine.perf import PerfModel, required_tp
 from qlm_backend.router.config import RouterConfig, load_router_config
@@ -33,6 +34,7 @@ yaml = pytest.importorskip("yaml", reason="PyYAML needed to parse docker/*.yml")
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 REPO = DOCKER / "model_repository"
+RULES = DOCKER / "prometheus" / "rules"
 ADMIN_HEADER = "qlm-admin-key"
 ADMIN_ENV = "QLM_ADMIN_KEY"
 
@@ -47,6 +49,15 @@ VLLM_BACKEND_METRICS = {
     "vllm:request_prompt_tokens",
     "vllm:request_generation_tokens",
     "vllm:request_params_n",
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:num_preemptions_total",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:iteration_tokens_total",
+    "vllm:request_queue_time_seconds",
+    "vllm:request_inference_time_seconds",
+    "vllm:request_prefill_time_seconds",
+    "vllm:request_decode_time_seconds",
 }
 # Triton's own GPU metrics (on by default in GPU images).
 TRITON_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes"}
@@ -310,13 +321,22 @@ def test_compose_mounts_exist_and_monitoring_services_are_defined():
                 assert src in compose["volumes"], f"{name}: undeclared volume {src}"
 
 
-def test_prometheus_scrapes_every_triton_metrics_port():
+def test_prometheus_scrapes_every_triton_metrics_port_and_loads_the_rules():
     _, _, pl = _fleet()
     prom = _yaml(DOCKER / "prometheus" / "prometheus.yml")
-    targets = {
-        t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
-    }
+    jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
+    # The alert rules match job="triton" (QLMTritonDown, QLMEngineMetricsAbsent).
+    targets = {t for sc in jobs["triton"]["static_configs"] for t in sc["targets"]}
     assert targets == {f"{s}:8002" for s in deploy.server_gpus(pl)}
+    # The compose file does not run qlm-openai: its scrape job is there, commented out.
+    assert "qlm-openai" not in _compose()["services"] and "qlm-openai" not in jobs
+    assert "# - job_name: qlm-openai" in (DOCKER / "prometheus" / "prometheus.yml").read_text()
+    # rule_files (relative to the config) reach the rules the compose file mounts beside it.
+    mounts = dict(v.split(":")[:2] for v in _compose()["services"]["prometheus"]["volumes"])
+    assert mounts["./prometheus/rules"] == "/etc/prometheus/rules"
+    assert mounts["./prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert prom["rule_files"] == ["rules/*.yml"]
+    assert sorted(p.name for p in RULES.glob("*.yml")) == ["qlm-alerts.yml", "qlm-recording.yml"]
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_datasource():
@@ -328,21 +348,90 @@ def test_grafana_provisioning_points_at_the_dashboard_and_datasource():
         v.split(":")[1]: v.split(":")[0] for v in _compose()["services"]["grafana"]["volumes"]
     }
     assert (DOCKER / mounts[provider["options"]["path"]] / "qlm.json").is_file()
-    dash = json.loads((DOCKER / "grafana" / "dashboards" / "qlm.json").read_text())
-    uids = {
-        t["datasource"]["uid"] for p in dash["panels"] if p["type"] != "row" for t in p["targets"]
-    }
-    assert uids == {ds["uid"]}
+    dash = _dashboard()
+    # No hard-coded datasource uid: every panel and query reads the datasource variable.
+    (var,) = [v for v in dash["templating"]["list"] if v["type"] == "datasource"]
+    assert var["query"] == ds["type"] == "prometheus"
+    ref = {"type": "prometheus", "uid": "${" + var["name"] + "}"}
+    for p in _panels(dash):
+        assert p["datasource"] == ref, p["title"]
+        assert all(t["datasource"] == ref for t in p["targets"]), p["title"]
+    uids = re.findall(
+        r'"uid": "([^"]*)"', json.dumps({k: v for k, v in dash.items() if k != "uid"})
+    )
+    assert set(uids) == {ref["uid"]}
 
 
-# --- dashboard queries ----------------------------------------------------------------------------
+# --- dashboard queries and rules ------------------------------------------------------------------
+def _dashboard() -> dict:
+    return json.loads((DOCKER / "grafana" / "dashboards" / "qlm.json").read_text())
+
+
+def _panels(dash: dict) -> list[dict]:
+    return [p for p in dash["panels"] if p["type"] != "row"]
+
+
+def _rules() -> dict[str, list[dict]]:
+    """Rule groups by name, over docker/prometheus/rules/*.yml."""
+    groups: dict[str, list[dict]] = {}
+    for f in sorted(RULES.glob("*.yml")):
+        for g in _yaml(f)["groups"]:
+            assert g["name"] not in groups, g["name"]
+            groups[g["name"]] = g["rules"]
+    return groups
+
+
 def _exported_metrics() -> set[str]:
-    """Metric families the project registers (router_metrics.py, glue.py), read from the source."""
+    """Metric families the project registers (router_metrics.py, glue.py: Triton's :8002;
+    openai_front/metrics.py: qlm-openai's /metrics, where prometheus-client adds _total to a
+    counter), read from the source."""
     names = set()
-    for f in ("router_metrics.py", "glue.py"):
-        src = (ROOT / "qlm_backend" / "triton" / f).read_text()
+    for f in ("triton/router_metrics.py", "triton/glue.py"):
+        src = (ROOT / "qlm_backend" / f).read_text()
         names |= set(re.findall(r'"((?:qlm_|vllm:)[a-z0-9_:]+)"', src))
+    src = (ROOT / "qlm_backend" / "openai_front" / "metrics.py").read_text()
+    for kind, name in re.findall(r'(Counter|Histogram|Gauge)\(\s*"(qlm_openai_[a-z0-9_]+)"', src):
+        names.add(name + "_total" if kind == "Counter" else name)
     return names
+
+
+def _known_metrics() -> set[str]:
+    """What a query may name: the router's and qlm-openai's families, and the vllm: families our
+    engines or Triton's vllm_backend export (each panel on vllm: draws on one or the other)."""
+    exported = _exported_metrics()
+    return {m for m in exported if m.startswith("qlm_")} | (
+        {m for m in exported if m.startswith("vllm:")} | VLLM_BACKEND_METRICS
+    )
+
+
+def _recorded() -> set[str]:
+    return {r["record"] for rules in _rules().values() for r in rules if "record" in r}
+
+
+def _check_names(where: str, expr: str, known: set[str], recorded: set[str]) -> set[str]:
+    """The families an expression reads; each must be exported, or recorded by a rule."""
+    records = _record_names(expr)
+    raw = _expr_metrics(re.sub(RECORD_NAME, "", expr))
+    # Prometheus's own per-target `up` series.
+    used = {"up"} if re.search(r"\bup\{", expr) else set()
+    assert raw | records | used, f"{where}: no metric in {expr!r}"
+    for m in raw:
+        fam = m if m in TRITON_METRICS else _family(m, known)
+        assert fam, f"{where}: {m} is not exported by the router, qlm-openai or the engines"
+        used.add(fam)
+    for m in records:
+        assert m in recorded, f"{where}: {m} is recorded by no rule"
+        used.add(m)
+    return used
+
+
+# Recording-rule names, level:metric:operations (vllm: names have one colon only).
+RECORD_NAME = r"\b[a-z_]+:qlm_[a-z0-9_]+:[a-z0-9_]+"
+
+
+def _record_names(expr: str) -> set[str]:
+    """Recording-rule names (level:metric:operations) in an expression."""
+    return set(re.findall(RECORD_NAME, re.sub(r'"[^"]*"', "", expr)))
 
 
 def _expr_metrics(expr: str) -> set[str]:
@@ -365,24 +454,21 @@ def test_every_dashboard_query_names_an_exported_metric():
     assert {
         "qlm_queue_length",
         "qlm_planner_seconds",
+        "qlm_ttft_seconds",
+        "qlm_queue_seconds",
+        "qlm_openai_requests_total",
+        "qlm_openai_ttft_seconds",
         "vllm:time_to_first_token_seconds",
     } <= exported
-    known = (exported & {m for m in exported if m.startswith("qlm_")}) | (
-        exported & VLLM_BACKEND_METRICS
-    )
-    dash = json.loads((DOCKER / "grafana" / "dashboards" / "qlm.json").read_text())
+    known, recorded = _known_metrics(), _recorded()
+    dash = _dashboard()
     used = set()
-    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    panels = _panels(dash)
     assert panels
     for p in panels:
         assert p["targets"], p["title"]
         for t in p["targets"]:
-            metrics = _expr_metrics(t["expr"])
-            assert metrics, f"{p['title']}: no metric in {t['expr']!r}"
-            for m in metrics:
-                fam = m if m in TRITON_METRICS else _family(m, known)
-                assert fam, f"{p['title']}: {m} is not exported by the router or vllm_backend"
-                used.add(fam)
+            used |= _check_names(p["title"], t["expr"], known, recorded)
     # What the issue asks the dashboard to show.
     assert {
         "qlm_queue_length",
@@ -392,9 +478,117 @@ def test_every_dashboard_query_names_an_exported_metric():
         "qlm_planner_seconds",
         "qlm_solver_fallbacks_total",
         "vllm:time_to_first_token_seconds",
+        "qlm_ttft_seconds",
+        "qlm_queue_seconds",
+        "slo_class:qlm_ttft_attainment_target:ratio",
     } <= used
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+# Units a panel may draw in (Grafana unit ids), by what the panel shows.
+DASHBOARD_UNITS = {"s", "percentunit", "short", "reqps", "ops", "bytes", "suffix: tok/s"}
+
+
+def test_dashboard_has_one_unit_per_panel():
+    for p in _panels(_dashboard()):
+        fc = p["fieldConfig"]
+        assert fc["defaults"].get("unit") in DASHBOARD_UNITS, p["title"]
+        # No override gives a series of the panel another unit.
+        for o in fc.get("overrides", []):
+            assert all(prop["id"] != "unit" for prop in o["properties"]), p["title"]
+        exprs = [t["expr"] for t in p["targets"]]
+        unit = fc["defaults"]["unit"]
+        # What mixed units before: a rate of counts on a seconds axis, token counts beside seconds.
+        if unit == "s":
+            for e in exprs:
+                assert "histogram_quantile" in e or "seconds" in e, (p["title"], e)
+                assert "_count[" not in e or "histogram_quantile" in e, (p["title"], e)
+                assert "tokens" not in e, (p["title"], e)
+        if unit == "percentunit":
+            assert p["fieldConfig"]["defaults"].get("max") == 1, p["title"]
+
+
+def test_dashboard_has_model_variable_and_an_attainment_panel_per_class():
+    dash = _dashboard()
+    vars_ = {v["name"]: v for v in dash["templating"]["list"]}
+    assert {"datasource", "model"} <= set(vars_)
+    model = vars_["model"]
+    assert model["type"] == "query" and model["includeAll"] and model["multi"]
+    assert "label_values(qlm_queue_length, model)" in json.dumps(model["query"])
+    panels = _panels(dash)
+    # The router's per-model series are filtered by $model.
+    for p in panels:
+        for t in p["targets"]:
+            expr = re.sub(RECORD_NAME, "", t["expr"])
+            if re.search(r"qlm_(queue_length|predicted_wait|ttft|queue_seconds)", expr):
+                assert '$model"' in t["expr"] or "${model}" in t["expr"], (p["title"], t["expr"])
+    for cls in DEFAULT_SLO_CLASSES:
+        slo = f"{cls.ttft_slo_s:g}"
+        (p,) = [p for p in panels if p["title"].startswith(f"Attainment: {cls.name} ")]
+        assert p["fieldConfig"]["defaults"]["unit"] == "percentunit"
+        assert any(
+            f'slo_class="{cls.name}"' in t["expr"] and f'le=~"{slo}(\\\\.0)?"' in t["expr"]
+            for t in p["targets"]
+        ), p["title"]
+
+
+# --- Prometheus rules (promtool checks them in make test-observability) ------------------------
+def test_rule_files_have_the_expected_groups_and_name_exported_metrics():
+    groups = _rules()
+    assert set(groups) == {"qlm_slo_attainment", "qlm_slo_targets", "qlm_alerts"}
+    known, recorded = _known_metrics(), _recorded()
+    assert {
+        "model_slo_class:qlm_ttft_attainment:ratio_rate5m",
+        "slo_class:qlm_ttft_attainment:ratio_rate5m",
+        "slo_class:qlm_requests_attainment:ratio_rate5m",
+        "slo_class:qlm_requests_shed:ratio_rate5m",
+        "slo_class:qlm_ttft_attainment_target:ratio",
+    } <= recorded
+    used: set[str] = set()
+    for name, rules in groups.items():
+        for r in rules:
+            assert ("record" in r) != ("alert" in r), r
+            if "vector(" in r["expr"]:
+                continue
+            used |= _check_names(
+                f"{name}/{r.get('record') or r['alert']}", r["expr"], known, recorded
+            )
+    assert {"qlm_ttft_seconds", "qlm_requests_total", "qlm_openai_requests_total"} <= used
+    # One TTFT attainment rule and one target per shipped class, its SLO a bucket of the router's
+    # histogram.
+    ttft = [
+        r
+        for r in groups["qlm_slo_attainment"]
+        if r["record"] == "slo_class:qlm_ttft_attainment:ratio_rate5m"
+    ]
+    targets = {r["labels"]["slo_class"] for r in groups["qlm_slo_targets"]}
+    assert targets == {c.name for c in DEFAULT_SLO_CLASSES}
+    src = (ROOT / "qlm_backend" / "triton" / "router_metrics.py").read_text()
+    buckets = re.search(r"LATENCY_BUCKETS = \[([^\]]*)\]", src)
+    assert buckets
+    latency_buckets = {float(b) for b in buckets[1].replace("\n", " ").split(",") if b.strip()}
+    for cls in DEFAULT_SLO_CLASSES:
+        assert cls.ttft_slo_s in latency_buckets
+        slo = f"{cls.ttft_slo_s:g}"
+        (r,) = [r for r in ttft if f'slo_class="{cls.name}"' in r["expr"]]
+        assert f'le=~"{slo}(\\\\.0)?"' in r["expr"] and r["labels"]["slo_ttft_seconds"] == slo
+    alerts = {r["alert"]: r for r in groups["qlm_alerts"]}
+    assert {
+        "QLMSLOAttainmentLow",
+        "QLMShedRateHigh",
+        "QLMRequestsFailing",
+        "QLMTritonDown",
+        "QLMEngineMetricsAbsent",
+    } <= set(alerts)
+    for a in alerts.values():
+        assert a["labels"]["severity"] in {"warning", "critical"}
+        assert a["annotations"]["summary"] and a["for"]
+    # The rules' unit tests exist beside them (run by promtool in make test-observability).
+    test = _yaml(DOCKER / "prometheus" / "tests" / "qlm-rules.test.yml")
+    assert sorted(test["rule_files"]) == ["../rules/qlm-alerts.yml", "../rules/qlm-recording.yml"]
+    tested = {t["alertname"] for case in test["tests"] for t in case.get("alert_rule_test", [])}
+    assert tested == set(alerts)
 
 
 # --- Dockerfile -----------------------------------------------------------------------------------
