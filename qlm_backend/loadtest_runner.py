@@ -4,6 +4,9 @@
         [--users 12] [--protocol grpc|http|both] [--router qlm] [--model mistral-7b]
         [--trace FILE --trace-speedup X] [--report-dir DIR]
 
+Reports in --report-dir: ours (per-class attainment, TTFT) and Locust's own (locust_stats.csv and
+the other --csv files, locust.html).
+
 Without URLs it uses the server `make serve` started on the default ports (127.0.0.1:8000 / 8001)
 when that one is ready, else (or with --own-server) starts a tritonserver with the shipped
 repository on free loopback ports and stops it (its whole process group) at the end. Exit code: Locust's, which is 1 when a request was lost
@@ -73,6 +76,8 @@ def locust_command(a: argparse.Namespace, grpc_url: str, http_url: str) -> list[
         "--qlm-router", a.router, "--qlm-model", a.model,
         "--qlm-max-tokens", str(a.max_tokens), "--qlm-time-scale", f"{a.time_scale:g}",
         "--qlm-report-dir", str(a.report_dir),
+        # Locust's own reports beside ours: its CSV stats and its HTML page.
+        "--csv", str(a.report_dir / "locust"), "--html", str(a.report_dir / "locust.html"),
     ]  # fmt: skip
     if trace:
         cmd += ["--qlm-trace", str(a.trace), "--qlm-trace-speedup", f"{a.trace_speedup:g}"]
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if bool(a.grpc_url) != bool(a.http_url) and a.protocol == "both":
         print("qlm-loadtest: give both --grpc-url and --http-url, or neither", file=sys.stderr)
         return 2
+    a.report_dir.mkdir(parents=True, exist_ok=True)
     run_s = 3600.0 if a.trace else a.run_time_s
     wall_limit_s = run_s + a.stop_timeout_s + 60.0
     if not (a.grpc_url or a.http_url or a.own_server) and _ready(DEFAULT_HTTP):

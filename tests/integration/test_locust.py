@@ -13,7 +13,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def _report(d) -> dict:
-    for name in ("attainment.json", "attainment.csv", "attainment.png"):
+    # Ours, and Locust's own (--csv / --html).
+    for name in ("attainment.json", "attainment.csv", "attainment.png", "locust_stats.csv",
+                 "locust.html"):  # fmt: skip
         assert (d / name).stat().st_size > 0, name
     return json.loads((d / "attainment.json").read_text())
 
