@@ -160,9 +160,6 @@ class Simulation:
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
 
-    def perf(self, model: str, spec: InstanceSpec) -> PerfModel:
-        return self.driver.perf(model, spec)
-
     def _engine(self, spec: InstanceSpec, model: str) -> ResumableEngine:
         s = self.settings
         return ResumableEngine(

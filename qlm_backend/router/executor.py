@@ -360,19 +360,21 @@ class Executor:
         f.gen += 1
 
     def _cancel(self, f: Flight, now: float, message: str | None) -> None:
-        if self.flights.pop(f.rid, None) is None:
-            return
-        self._stop(f, "cancel", now)
-        self.qm.on_cancelled(f.rid, now)
-        self._end(f, "cancelled", now, (message, "cancelled") if message else None)
-        self.wake()
+        self._drop(f, "cancelled", now, (message, "cancelled") if message else None)
 
     def _fail(self, f: Flight, message: str, kind: ErrorKind, now: float) -> None:
+        self._drop(f, "failed", now, (message, kind))
+
+    def _drop(
+        self, f: Flight, outcome: Outcome, now: float, error: tuple[str, ErrorKind] | None
+    ) -> None:
+        """End a request that will not finish: stop its stream, forget it in the core."""
         if self.flights.pop(f.rid, None) is None:
             return
         self._stop(f, "cancel", now)
         self.qm.on_cancelled(f.rid, now)
-        self._end(f, "failed", now, (message, kind))
+        self._end(f, outcome, now, error)
+        self.wake()
 
     def _finish(self, f: Flight, reason: str | None, now: float) -> None:
         self.flights.pop(f.rid, None)

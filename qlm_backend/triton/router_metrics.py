@@ -56,7 +56,6 @@ class RouterMetrics:
             "(simulated seconds).",
             fam.HISTOGRAM,
         )
-        self._latency: dict[tuple[str, str, str], Any] = {}
         self._plan = fam("qlm_planner_seconds", "Wall time of planner decisions.", fam.HISTOGRAM)
         self._fallback = fam(
             "qlm_solver_fallbacks_total", "Plans decided by the heuristic fallback.", fam.COUNTER
@@ -69,11 +68,13 @@ class RouterMetrics:
         self._queue_keys: set[tuple[str, str]] = set(kinds)
         self.queues([])
 
-    def _m(self, fam: Any, **labels: str) -> Any:
+    def _m(self, fam: Any, buckets: list[float] | None = None, **labels: str) -> Any:
+        """The family's metric with these labels (created once; `buckets` for histograms)."""
         key = (fam.__class__.__name__ + str(id(fam)), tuple(sorted(labels.items())))
         m = self._metrics.get(key)
         if m is None:
-            m = self._metrics[key] = fam.Metric(labels={**self._labels, **labels})
+            kw = {} if buckets is None else {"buckets": buckets}
+            m = self._metrics[key] = fam.Metric(labels={**self._labels, **labels}, **kw)
         return m
 
     def ended(self, f: Flight, outcome: str, now: float) -> None:
@@ -86,15 +87,9 @@ class RouterMetrics:
 
     def latency(self, model: str, slo_class: str, ttft_s: float | None, queue_s: float) -> None:
         """A finished request's time to first token and queue time."""
-        for fam, name, value in ((self._ttft, "ttft", ttft_s), (self._queued, "queue", queue_s)):
-            if value is None:
-                continue
-            key = (name, model, slo_class)
-            m = self._latency.get(key)
-            if m is None:
-                labels = {**self._labels, "model": model, "slo_class": slo_class}
-                m = self._latency[key] = fam.Metric(labels=labels, buckets=LATENCY_BUCKETS)
-            m.observe(value)
+        for fam, value in ((self._ttft, ttft_s), (self._queued, queue_s)):
+            if value is not None:
+                self._m(fam, LATENCY_BUCKETS, model=model, slo_class=slo_class).observe(value)
 
     def outcome(self, slo_class: str, outcome: str) -> None:
         self._m(self._outcome, slo_class=slo_class, outcome=outcome).increment(1)
