@@ -54,6 +54,7 @@ def output_arrays(
     logprobs: str | None,
     num_input_tokens: int,
     num_output_tokens: int,
+    num_cached_tokens: int = 0,
 ) -> dict[str, np.ndarray]:
     """One response's output tensors, as vllm_backend sends them: text_output always, every other
     output only when its `return_<name>` flag is in `returns`."""
@@ -64,6 +65,7 @@ def output_arrays(
         "logprobs": logprobs or "null",
         "num_input_tokens": num_input_tokens,
         "num_output_tokens": num_output_tokens,
+        "num_cached_tokens": num_cached_tokens,
     }
     return {
         s.name: s.array(values[s.name]) for s, flag in _RESPONSE if flag is None or flag in returns

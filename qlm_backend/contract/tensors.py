@@ -144,7 +144,9 @@ VLLM_BACKEND_OUTPUTS: tuple[TensorSpec, ...] = (
 )
 
 # Our engines (simulated and real vLLM): vllm_backend's contract plus an optional priority, so the
-# router's plan orders the engine's own queue too.
+# router's plan orders the engine's own queue too, and the prompt tokens the engine's prefix cache
+# held (vLLM's RequestOutput.num_cached_tokens), so the router sees what a resume after an
+# eviction really re-prefilled.
 ENGINE_INPUTS: tuple[TensorSpec, ...] = (
     *VLLM_BACKEND_INPUTS,
     TensorSpec(
@@ -154,8 +156,18 @@ ENGINE_INPUTS: tuple[TensorSpec, ...] = (
         True,
         "Scheduling priority, lower first (vLLM's convention); not in vllm_backend.",
     ),
+    _flag("num_cached_tokens"),
 )
-ENGINE_OUTPUTS: tuple[TensorSpec, ...] = VLLM_BACKEND_OUTPUTS
+ENGINE_OUTPUTS: tuple[TensorSpec, ...] = (
+    *VLLM_BACKEND_OUTPUTS,
+    TensorSpec(
+        "num_cached_tokens",
+        "UINT32",
+        (1,),
+        False,
+        "Prompt tokens found in the engine's prefix cache; not in vllm_backend.",
+    ),
+)
 
 # The router: vllm_backend's inputs without `priority` (the router sets it from the SLO class) plus
 # QLM's fields, which HTTP generate may also send as request parameters.
@@ -184,7 +196,7 @@ QLM_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("qlm_instance", "BYTES", (1,), False, "The instance that finished the request."),
 )
 ROUTER_INPUTS: tuple[TensorSpec, ...] = (*VLLM_BACKEND_INPUTS, *QLM_INPUTS)
-ROUTER_OUTPUTS: tuple[TensorSpec, ...] = (*ENGINE_OUTPUTS, *QLM_OUTPUTS)
+ROUTER_OUTPUTS: tuple[TensorSpec, ...] = (*VLLM_BACKEND_OUTPUTS, *QLM_OUTPUTS)
 
 # Derived name lists: what the models read from a request (read_inputs) and how they decode it.
 ENGINE_INPUT_NAMES = names(ENGINE_INPUTS)
@@ -201,3 +213,5 @@ QLM_FIELDS = frozenset(names(QLM_INPUTS))
 ROUTER_READS = ("text_output", "finish_reason", "num_output_tokens")
 # The engine outputs the router hands on to its client as the engine sent them.
 ROUTER_PASS_THROUGH = ("cumulative_logprob", "logprobs", "num_input_tokens")
+# The engine outputs the router reads for itself and its plan, never sent on.
+ROUTER_OWN = ("num_cached_tokens",)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 ENGINE_MAX_SEQS = 256  # vLLM's default max_num_seqs: the batch bound of an unbounded (push) policy
 DEFAULT_PROMPT_TOKENS = 512.0
+RESUME_HIT_DECAY = 0.95  # per resumed request: the hit share follows the last ~20 resumes
 _SQRT2 = math.sqrt(2.0)
 
 
@@ -209,6 +210,8 @@ class RwtEstimator:
         # Measured model loads, (model, gpu, tp, warm) -> (count, mean seconds): once a load was
         # seen, plans cost a load at its mean instead of the datasheet figure (perf.load_s).
         self._loads: dict[tuple[str, str, int, bool], tuple[int, float]] = {}
+        # instance -> (decayed cached tokens, decayed context tokens) of resumed requests
+        self._resume_hits: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ statistics
     def output_stats(self, model: str, slo_class: str) -> tuple[float, float]:
@@ -464,6 +467,25 @@ class RwtEstimator:
     def measured_loads(self) -> dict[tuple[str, str, int, bool], tuple[int, float]]:
         """(model, gpu, tp, warm) -> (loads seen, mean seconds)."""
         return dict(self._loads)
+
+    def observe_resume(self, instance_id: str, cached_tokens: int, context_tokens: int) -> None:
+        """A resumed request found `cached_tokens` of its `context_tokens` in the engine's prefix
+        cache. Token-weighted and decaying (RESUME_HIT_DECAY per resume), so a change of load
+        shows within tens of resumes."""
+        if context_tokens <= 0:
+            return
+        c, t = self._resume_hits.get(instance_id, (0.0, 0.0))
+        d = RESUME_HIT_DECAY
+        self._resume_hits[instance_id] = (
+            d * c + min(cached_tokens, context_tokens),
+            d * t + context_tokens,
+        )
+
+    def resume_hit_share(self, instance_id: str) -> float:
+        """Share of a resumed request's context its engine still caches; 0 until one is seen
+        (the charge of a whole re-prefill, docs/scheduling.md)."""
+        c, t = self._resume_hits.get(instance_id, (0.0, 0.0))
+        return c / t if t > 0 else 0.0
 
     # ------------------------------------------------------------------ queue forecast
     def forecast_queue(

@@ -20,8 +20,8 @@ JSON shape::
 `count` > 1 expands to instance ids `a10-0` ... `a10-3`; `tp` defaults to the smallest degree the
 model set fits on; `host` defaults to the instance id (one host per instance). `warm_start` (default
 true) says whether the instance's engine can start a model from host memory: false for engines
-whose swap is always an unload and a cold load (the real vLLM engines of the CPU fleet until they
-sleep and wake), so the plan never counts on a warm start there (no KeepWarm, every swap cold).
+whose swap is always an unload and a cold load (Triton's stock vllm_backend: no sleep and wake),
+so the plan never counts on a warm start there (no KeepWarm, every swap cold).
 """
 
 from __future__ import annotations

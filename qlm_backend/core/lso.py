@@ -211,13 +211,16 @@ def execute_plan(
             warm_models = warm_local.setdefault(host, ctx.warm.models(host))
             # An engine that cannot start from host memory swaps cold and keeps nothing warm.
             warm = inst.spec.warm_start and head_model in warm_models
+            keep = traits.warm_start and slots > 0 and inst.spec.warm_start
+            # KeepWarm of the outgoing model before the swap: the executor then knows, when it
+            # carries the swap out, to put that engine to sleep rather than unload it.
+            if keep and inst.model is not None:
+                if inst.model in warm_models:
+                    warm_models.remove(inst.model)
+                warm_models.append(inst.model)
+                actions.append(KeepWarm(inst.model, iid))
             actions.append(SwapModel(iid, inst.model, head_model, warm))
-            if traits.warm_start and slots > 0 and inst.spec.warm_start:
-                if inst.model is not None:
-                    if inst.model in warm_models:
-                        warm_models.remove(inst.model)
-                    warm_models.append(inst.model)
-                    actions.append(KeepWarm(inst.model, iid))
+            if keep:
                 if warm and head_model in warm_models:
                     warm_models.remove(head_model)
                     warm_models.append(head_model)  # most recently used

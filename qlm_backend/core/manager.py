@@ -337,18 +337,29 @@ class QueueManager:
             self._enqueue(st, now)
         self._dirty = self._dirty or "dispatch failed"
 
-    def on_model_loaded(self, instance_id: str, model: str, now: float) -> None:
+    def on_model_loaded(
+        self, instance_id: str, model: str, now: float, warm: bool | None = None
+    ) -> None:
+        """`warm`: how the load really started, where the executor knows (else as planned)."""
         inst = self.instances[instance_id]
         if inst.loading is not None and inst.loading != model:
             raise ValueError(f"{instance_id}: loaded {model!r} but {inst.loading!r} was requested")
         if inst.loading is not None and self.config.measured_load_costs:
             # The end of a SwapModel's load (a recovery's reload, with no SwapModel, is not
             # measured): from the swap's time (loaded_s) to now, the old model's unload included.
-            self.estimator.observe_load(model, inst.spec, inst.loading_warm, now - inst.loaded_s)
+            started_warm = inst.loading_warm if warm is None else warm
+            self.estimator.observe_load(model, inst.spec, started_warm, now - inst.loaded_s)
             self.counters["loads_measured"] += 1
         inst.loading, inst.model, inst.loaded_s = None, model, now
         inst.healthy = True
         self._dirty = "model loaded"
+
+    def on_resume_cached(
+        self, instance_id: str, cached_tokens: int, context_tokens: int, now: float
+    ) -> None:
+        """A resumed request's engine reported what its prefix cache held of its context."""
+        self.estimator.observe_resume(instance_id, cached_tokens, context_tokens)
+        self.counters["resumes_reported"] += 1
 
     def on_engine_failed(self, instance_id: str, now: float) -> None:
         """The instance's engine died: its in-flight requests queue again (they resume by recompute

@@ -46,6 +46,7 @@ class _Inst:
     loading: str | None = None
     ready_s: float = math.inf
     load_kind: Literal["load-warm", "load-cold"] = "load-cold"
+    swapping: bool = False  # the load under way is a swap (not a recovery)
     busy_s: float = 0.0  # of engines already replaced
 
 
@@ -67,6 +68,7 @@ class SimDriver:
         self.ex: Executor | None = None
         self._live: dict[str, str] = {}  # request id in an engine -> its stream id
         self._kv_at: dict[str, str] = {}  # request id -> instance whose host holds its KV
+        self._cached: dict[str, int] = {}  # resumed request id -> cached tokens, until its token
         self._perf: dict[tuple[str, str, int], PerfModel] = {}
 
     def bind(self, ex: Executor) -> None:
@@ -105,9 +107,9 @@ class SimDriver:
                 if done:
                     self.counters["resume_recompute"] += 1
                     # What the prefix cache still holds of it as it goes back in (the hit
-                    # realised at admission may be smaller if it waits in the engine).
-                    self.counters["resume_tokens"] += w.prompt_tokens + done
-                    self.counters["resume_cached_tokens"] += eng.cached_tokens(rid)
+                    # realised at admission may be smaller if it waits in the engine), told to
+                    # the executor with the first token, as a real engine reports it.
+                    self._cached[rid] = eng.cached_tokens(rid)
                 eng.add(er, now)
         except ValueError as e:
             # The engine cannot hold it (prompt over its KV cache): it can never run there.
@@ -120,6 +122,7 @@ class SimDriver:
     def stop(self, flight: Flight, stream_id: str, kind: StopKind, now: float) -> None:
         inst = self.insts[flight.instance or ""]
         rid = flight.rid
+        self._cached.pop(rid, None)
         if self._live.get(rid) == stream_id:
             del self._live[rid]
         if inst.engine is None or not inst.engine.abort(rid, now):
@@ -133,8 +136,21 @@ class SimDriver:
             self.counters["evictions_recompute"] += 1
 
     def swap(
-        self, instance_id: str, from_model: str | None, to_model: str, warm: bool, now: float
+        self,
+        instance_id: str,
+        from_model: str | None,
+        to_model: str,
+        warm: bool,
+        keep_from: bool,
+        now: float,
     ) -> None:
+        self._load(instance_id, to_model, warm, now)
+        self.insts[instance_id].swapping = True
+
+    def release(self, instance_id: str, model: str, now: float) -> None:
+        pass  # the host's warm set is the executor's: nothing of it lives in a simulated engine
+
+    def _load(self, instance_id: str, to_model: str, warm: bool, now: float) -> None:
         inst = self.insts[instance_id]
         if inst.engine is not None:
             inst.busy_s += inst.engine.stats.busy_s
@@ -147,7 +163,8 @@ class SimDriver:
 
     def recover(self, instance_id: str, model: str, now: float) -> None:
         # Simulated engines do not fail; a recovery is a cold load.
-        self.swap(instance_id, None, model, False, now)
+        self._load(instance_id, model, False, now)
+        self.insts[instance_id].swapping = False
 
     # ------------------------------------------------------------------ time
     def perf(self, model: str, spec: InstanceSpec) -> PerfModel:
@@ -189,7 +206,8 @@ class SimDriver:
             inst.engine = self.make_engine(inst.spec, model)
             inst.model, inst.loading = model, None
             inst.seg_start_s, inst.ready_s = now, math.inf
-            progressed |= ex.on_loaded(iid, model, now)
+            warm = (inst.load_kind == "load-warm") if inst.swapping else None
+            progressed |= ex.on_loaded(iid, model, now, warm=warm)
         for inst in self.insts.values():
             eng = inst.engine
             if eng is None:
@@ -204,7 +222,8 @@ class SimDriver:
                 reason = (ev.finish_reason or "length") if ev.finished else None
                 if ev.finished:
                     del self._live[ev.request_id]
-                ch = Chunk("", 1, reason, scheduled_s=ev.scheduled_s)
+                cached = self._cached.pop(ev.request_id, None)
+                ch = Chunk("", 1, reason, scheduled_s=ev.scheduled_s, cached_tokens=cached)
                 progressed |= ex.on_chunk(sid, ch, ev.time_s)
         return progressed
 

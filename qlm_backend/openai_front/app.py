@@ -79,6 +79,29 @@ async def _race(work: Awaitable[Any], request: Request, timeout: float | None = 
     return _TIMEOUT
 
 
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 past `max_bytes`: at once when Content-Length says so,
+    else as soon as the bytes read pass it (a chunked body), so an oversized body is never held."""
+
+    def too_large(size: str) -> OpenAIError:
+        return OpenAIError(
+            413,
+            f"the request body is {size} bytes; this server allows at most {max_bytes}",
+            code="request_too_large",
+        )
+
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes:
+        raise too_large(length)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise too_large(f"over {max_bytes}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _collect(stream: RouterStream) -> Tally:
     t = Tally()
     while True:
@@ -157,7 +180,7 @@ def create_app(
 
     async def generate(request: Request, parse: Parser) -> Response:
         check_key(request)
-        call = parse(parse_body(await request.body()), request.headers, cfg)
+        call = parse(parse_body(await read_body(request, cfg.max_body_bytes)), request.headers, cfg)
         slo_class = call.slo.slo_class or cfg.fleet.default_class
         shapes = Shapes(call, slo_class)
         headers = {"x-qlm-slo-class": slo_class}

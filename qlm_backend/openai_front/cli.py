@@ -4,6 +4,8 @@
                [--model-repository model_repository] [--fleet FILE]
                [--slo-map FILE] [--service-tier TIER=CLASS ...] [--priority-class N=CLASS ...]
                [--api-key KEY | $QLM_OPENAI_API_KEY] [--tokenizer MODEL=DIR ...]
+               [--max-body-bytes N] [--max-messages N] [--max-prompt-bytes N]
+               [--max-tokens-limit N] [--max-stop N]
 
 `make serve` (qlm-serve) starts it beside Triton; `docs/openai.md` has the API, headers and class
 mapping. `--show-config` prints the resolved models, classes and mapping and exits.
@@ -20,6 +22,10 @@ from pathlib import Path
 
 from qlm_backend.openai_front.config import (
     API_KEY_ENV,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_MESSAGES,
+    DEFAULT_MAX_PROMPT_BYTES,
+    DEFAULT_MAX_STOP,
     DEFAULT_PORT,
     FrontConfig,
     FrontConfigError,
@@ -67,7 +73,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=30.0,
         help="a stream waits this long for the router before answering 200 (errors before: real status)",
     )
-    p.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After fallback for 429")
+    p.add_argument(
+        "--retry-after-s", type=float, default=1.0, help="Retry-After fallback for 429 and 503"
+    )
+    caps = p.add_argument_group("size caps (a request over one is refused before the router)")
+    caps.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"request body bytes; more is a 413 (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    caps.add_argument(
+        "--max-messages",
+        type=int,
+        default=DEFAULT_MAX_MESSAGES,
+        help=f"chat messages per request (default {DEFAULT_MAX_MESSAGES})",
+    )
+    caps.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=DEFAULT_MAX_PROMPT_BYTES,
+        help="UTF-8 bytes of the prompt after the chat template (default "
+        f"{DEFAULT_MAX_PROMPT_BYTES}, the router's max_prompt_bytes)",
+    )
+    caps.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        help="max_tokens per request (default: only the model's context bounds it)",
+    )
+    caps.add_argument(
+        "--max-stop",
+        type=int,
+        default=DEFAULT_MAX_STOP,
+        help=f"entries of stop and of stop_token_ids (default {DEFAULT_MAX_STOP})",
+    )
     p.add_argument("--parent-pid", type=int, help="exit when this process (qlm-serve) is gone")
     p.add_argument("--log-level", default="info")
     p.add_argument("--show-config", action="store_true", help="print the configuration and exit")
@@ -99,6 +138,11 @@ def build_config(a: argparse.Namespace) -> FrontConfig:
         default_max_tokens=a.default_max_tokens,
         status_wait_s=a.status_wait_s,
         retry_after_s=a.retry_after_s,
+        max_body_bytes=a.max_body_bytes,
+        max_messages=a.max_messages,
+        max_prompt_bytes=a.max_prompt_bytes,
+        max_tokens_limit=a.max_tokens_limit,
+        max_stop=a.max_stop,
     )
 
 
@@ -135,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             "slo_mapping": cfg.slo.as_json(),
             "chat_templates": {m: cfg.template_for(m).name for m in cfg.fleet.models},
             "api_key": "set" if cfg.api_key else "none",
+            "caps": {
+                "max_body_bytes": cfg.max_body_bytes,
+                "max_messages": cfg.max_messages,
+                "max_prompt_bytes": cfg.max_prompt_bytes,
+                "max_tokens_limit": cfg.max_tokens_limit,
+                "max_stop": cfg.max_stop,
+            },
         }
         print(json.dumps(shown, indent=2))
         return 0

@@ -4,6 +4,11 @@ The fleet is the router's own: `<repository>/<router>/1/router.json` names it (k
 to the repository; `$QLM_FLEET`, which `qlm-serve --fleet` sets, overrides it, as in the router),
 unless `--fleet` names a file. Models and classes are read from it at start; a request for another
 model is answered 404 without a round trip.
+
+Size caps (`--max-*`), each checked before anything reaches the router: the body's bytes (413, read
+no further), the number of chat messages, the prompt's bytes after the chat template, max_tokens,
+and the lengths of `stop` / `stop_token_ids` (400 naming the parameter). The router's own caps still
+hold behind them (`max_prompt_bytes` in router.json, the model's context).
 """
 
 from __future__ import annotations
@@ -21,6 +26,12 @@ from qlm_backend.openai_front.template import ChatTemplate, PlainTemplate
 from qlm_backend.router.config import FLEET_ENV
 
 API_KEY_ENV = "QLM_OPENAI_API_KEY"
+# The prompt cap is the router's max_prompt_bytes default. The body may be larger than the prompt
+# it carries: JSON escapes non-ASCII text as \uXXXX (up to 3x its UTF-8 bytes; 2x for CJK).
+DEFAULT_MAX_PROMPT_BYTES = 1 << 20
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+DEFAULT_MAX_MESSAGES = 2048  # OpenAI's own bound on `messages`
+DEFAULT_MAX_STOP = 16  # OpenAI allows 4 stop strings, vLLM any number: room for vLLM clients
 DEFAULT_PORT = 9000  # Triton takes 8000-8002
 PLAIN = PlainTemplate()
 
@@ -73,6 +84,11 @@ class FrontConfig:
     status_wait_s: float = 30.0  # how long a stream waits for the router before its status is 200
     retry_after_s: float = 1.0  # Retry-After of a shed request when the router says no more
     max_retry_after_s: float = 300.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # a larger body is a 413
+    max_messages: int = DEFAULT_MAX_MESSAGES
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES  # UTF-8 bytes after the chat template
+    max_tokens_limit: int | None = None  # None: the model's context is the only bound
+    max_stop: int = DEFAULT_MAX_STOP  # entries of `stop`, and of `stop_token_ids`
 
     def __post_init__(self) -> None:
         self.slo.check(self.fleet.classes)
@@ -83,6 +99,15 @@ class FrontConfig:
             raise FrontConfigError("--default-max-tokens must be >= 1")
         if self.status_wait_s < 0:
             raise FrontConfigError("--status-wait-s must be >= 0")
+        for flag, value in (
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--max-messages", self.max_messages),
+            ("--max-prompt-bytes", self.max_prompt_bytes),
+            ("--max-tokens-limit", self.max_tokens_limit),
+            ("--max-stop", self.max_stop),
+        ):
+            if value is not None and value < 1:
+                raise FrontConfigError(f"{flag} must be >= 1, got {value}")
 
     def template_for(self, model: str) -> ChatTemplate:
         return self.templates.get(model, PLAIN)

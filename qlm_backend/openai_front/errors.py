@@ -6,8 +6,11 @@ request field at fault; the SDKs map the HTTP status to an exception class (400 
 
 The router's errors arrive inside its gRPC stream as a message only (no status code): the router
 names the field at fault first (`qlm: max_tokens: must be ...`), sheds with `request shed: <why>`
-(the only UNAVAILABLE a client should retry later: 429 with Retry-After), and reports an unknown
-model as `model: unknown model ...` (404).
+(429 with Retry-After: this request's deadline cannot be met), refuses a request when its queue is
+at `max_pending_requests` with `request refused: the router's queue is full ...` (503 with
+Retry-After: the server as a whole is overloaded), ends a request not finished within its
+`request_timeout_s` with `request timed out: ...` (504), and reports an unknown model as
+`model: unknown model ...` (404).
 """
 
 from __future__ import annotations
@@ -111,6 +114,17 @@ def from_router(
             "rate_limit_exceeded",
             {"Retry-After": str(retry)},
         )
+    if "queue is full" in message:
+        retry = int(min(retry_max_s, max(1.0, math.ceil(retry_default_s))))
+        return OpenAIError(
+            503,
+            f"the router is overloaded: {message}; retry in about {retry} s",
+            None,
+            "queue_full",
+            {"Retry-After": str(retry)},
+        )
+    if "request timed out" in message:
+        return OpenAIError(504, message, None, "timeout")
     if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "INCOMPLETE") or "unloading" in message:
         return OpenAIError(503, f"the router is unavailable: {message}", code="service_unavailable")
     m = _FIELD_RE.match(message)

@@ -9,6 +9,9 @@ text choice: `max_tokens` (chat: `max_completion_tokens` first), `temperature`, 
 queued. Features no engine of ours serves (logprobs, tools, structured output, beam search, batched
 or token-id prompts) are a 400 naming the field rather than silently ignored; fields that change
 nothing here (`user`, `metadata`, `store`, ...) are accepted and ignored, as vLLM does.
+
+Size caps (FrontConfig's `max_*`): the number of messages, the prompt's UTF-8 bytes after the chat
+template, max_tokens, the entries of `stop` and `stop_token_ids`; each a 400 naming the parameter.
 """
 
 from __future__ import annotations
@@ -193,6 +196,11 @@ def _sampling(
     n_prompt = count_prompt_tokens(prompt)
     max_tokens, max_key = _max_tokens(body, kind)
     params = {"text_input": what, "max_tokens": max_key, "ttft_slo_s": TTFT_HEADER}
+    limit = cfg.max_tokens_limit
+    if max_tokens is not None and limit is not None and max_tokens > limit:
+        raise bad_request(
+            max_key, f"{max_key} is {max_tokens}; this server allows at most {limit} per request"
+        )
     if max_tokens is None:
         if kind == "completion":
             max_tokens = 16  # OpenAI's and vLLM's default for completions
@@ -200,6 +208,8 @@ def _sampling(
             max_tokens = context - n_prompt
             if cfg.default_max_tokens is not None:
                 max_tokens = min(max_tokens, cfg.default_max_tokens)
+        if limit is not None:  # a request that asks for nothing specific is not refused for it
+            max_tokens = min(max_tokens, limit)
     over = max_tokens < 1 and body.get(max_key) is None  # the prompt alone fills the context
     if over or n_prompt + max_tokens > context:
         asked = max(1, max_tokens) if over else max_tokens
@@ -213,6 +223,12 @@ def _sampling(
     for key, kind_ in SAMPLING_FIELDS.items():
         if body.get(key) is not None:
             sampling[key] = _check_type(key, body[key], kind_)
+    for key in ("stop", "stop_token_ids"):
+        v = sampling.get(key)
+        if isinstance(v, list) and len(v) > cfg.max_stop:
+            raise bad_request(
+                key, f"{key} has {len(v)} entries; this server allows at most {cfg.max_stop}"
+            )
     try:
         parse_sampling(sampling, context)
     except ContractError as e:
@@ -242,10 +258,15 @@ def _content(m: Mapping[str, Any], i: int) -> str:
     return "".join(texts)
 
 
-def chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+def chat_messages(body: Mapping[str, Any], max_messages: int | None = None) -> list[dict[str, str]]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages", "messages must be a non-empty list of messages")
+    if max_messages is not None and len(messages) > max_messages:
+        raise bad_request(
+            "messages",
+            f"messages has {len(messages)} messages; this server allows at most {max_messages}",
+        )
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
@@ -265,13 +286,14 @@ def parse_chat(body: Mapping[str, Any], headers: Mapping[str, str], cfg: FrontCo
     """`headers`: lower-case names."""
     model = _model(body, cfg)
     _unsupported(body, CHAT_UNSUPPORTED)
-    messages = chat_messages(body)
+    messages = chat_messages(body, cfg.max_messages)
     agp = body.get("add_generation_prompt", True)
     if not isinstance(agp, bool):
         raise bad_request("add_generation_prompt", "add_generation_prompt must be a boolean")
     prompt = cfg.template_for(model).render(messages, agp)
     if not prompt:
         raise bad_request("messages", "the messages make an empty prompt")
+    _check_prompt_bytes(prompt, cfg, "messages", "the messages make a prompt of")
     stream, usage, cont = _stream_options(body)
     slo = resolve_slo(headers, body, cfg.slo, cfg.fleet.classes)
     sampling, params = _sampling(body, "chat", cfg, model, prompt, "messages")
@@ -309,6 +331,7 @@ def parse_completion(
     model = _model(body, cfg)
     _unsupported(body, COMPLETION_UNSUPPORTED)
     prompt = completion_prompt(body)
+    _check_prompt_bytes(prompt, cfg, "prompt", "prompt is")
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise bad_request("echo", "echo must be a boolean")
@@ -329,6 +352,16 @@ def parse_completion(
     )
 
 
+def _check_prompt_bytes(prompt: str, cfg: FrontConfig, param: str, what: str) -> None:
+    # Checked here, before the router (whose own cap is max_prompt_bytes on text_input), so the
+    # error names the request's field; counted as the router counts: UTF-8 bytes.
+    n = len(prompt.encode("utf-8", "surrogatepass"))
+    if n > cfg.max_prompt_bytes:
+        raise bad_request(
+            param, f"{what} {n} bytes; this server allows at most {cfg.max_prompt_bytes}"
+        )
+
+
 def _slo_params(params: dict[str, str], slo: SloChoice) -> dict[str, str]:
     return {**params, "slo_class": slo.source if slo.source != "default" else "slo_class"}
 
@@ -339,6 +372,8 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OpenAIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # nested deeper than the parser's stack (a 500 otherwise)
+        raise OpenAIError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
     return body

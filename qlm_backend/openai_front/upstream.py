@@ -6,6 +6,13 @@ marks the request cancelled, the router sees it (`cancel_poll_s`) and removes it
 aborts it in its engine. A stream ends with its final response (the Triton final flag) or a
 `RouterError`: an error the router sent (message only, as Triton's stream carries it) or a failed
 call (gRPC status name).
+
+A router whose stub dies leaves its streams open with nothing more to come: Triton 2.51 ends none
+of them (docs/triton-vllm-facts.md section 8). While streams are open, the client therefore asks
+the server every `watch_s` whether the router model is ready; two "not ready" answers in a row
+(`qlm-serve`'s supervisor holds a dead router unloaded for a second before loading it again) end
+every open stream with an UNAVAILABLE error and cancel its call. A failed readiness call (a busy or
+unreachable server) is not an answer: the streams' own calls fail if the server is gone.
 """
 
 from __future__ import annotations
@@ -143,25 +150,69 @@ class RouterStream:
         self._it.cancel()
         self._task.cancel()
 
+    def abandon(self, error: RouterError) -> None:
+        """End the stream with `error` (the router is gone) and cancel its call."""
+        if self.finished or self.cancelled:
+            return
+        self._end(error)  # queued first: the reader gets it, whatever the pump does now
+        self.cancelled = True
+        self._ended.set()
+        self._it.cancel()
+        self._task.cancel()
+
 
 class RouterClient:
     """One gRPC channel to the Triton server that runs the router; many concurrent streams."""
 
-    def __init__(self, url: str, router: str = "qlm") -> None:
+    def __init__(self, url: str, router: str = "qlm", watch_s: float = 0.25) -> None:
         import tritonclient.grpc.aio as grpcaio
 
         self._mod = grpcaio
-        self.url, self.router = url, router
+        self.url, self.router, self.watch_s = url, router, watch_s
         self._client = grpcaio.InferenceServerClient(url)
+        self._open: set[RouterStream] = set()
+        self._watch: asyncio.Task[None] | None = None
+        self.abandoned = 0  # streams ended because the router went down
 
     def open(self, fields: Mapping[str, Any]) -> RouterStream:
-        return RouterStream(self._client, self._mod, self.router, fields)
+        stream = RouterStream(self._client, self._mod, self.router, fields)
+        self._open.add(stream)
+        stream._task.add_done_callback(lambda _t: self._open.discard(stream))
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.get_running_loop().create_task(self._watch_router())
+        return stream
 
     async def ready(self) -> bool:
+        return await self._ready() is True
+
+    async def _ready(self) -> bool | None:
+        """The router model's readiness; None when the call itself failed."""
         try:
             return bool(await self._client.is_model_ready(self.router))
-        except Exception:  # noqa: BLE001 - unreachable server: not ready
-            return False
+        except Exception:  # noqa: BLE001 - unreachable or busy server: no answer
+            return None
+
+    async def _watch_router(self) -> None:
+        not_ready = 0
+        while self._open:
+            await asyncio.sleep(self.watch_s)
+            if not self._open:
+                return
+            state = await self._ready()
+            not_ready = not_ready + 1 if state is False else 0
+            if not_ready >= 2:
+                err = RouterError(
+                    f"the router {self.router!r} went down (its model is not ready); "
+                    "this request is lost, send it again",
+                    "UNAVAILABLE",
+                )
+                for stream in list(self._open):
+                    stream.abandon(err)
+                    self.abandoned += 1
+                self._open.clear()
+                not_ready = 0
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         await self._client.close()

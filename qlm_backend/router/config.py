@@ -19,6 +19,14 @@ Keys (all optional but the policy has a default too):
   forward_priority     pass the class priority to engines (vLLM priority scheduling)
   load_timeout_s       a model load that takes longer fails the instance
   max_prompt_bytes     request size cap on text_input
+  max_pending_requests bound on the requests the router holds: queued in it, or waiting or running
+                       in an engine (policies other than qlm push their queue into the engines). A
+                       request arriving at the bound is refused at once (UNAVAILABLE, "queue is
+                       full"), counted, and nobody pending is disturbed
+  request_timeout_s    wall seconds after receipt by which a request must have finished; one that
+                       has not (queued, or in an engine that does not answer) ends with an explicit
+                       error and its engine stream is stopped. Must exceed every class's TTFT SLO
+                       (checked at load, against the fleet)
   admin_key_env        environment variable holding the model-repository key (restricted API)
   admin_header         header of that key (gRPC metadata `triton-grpc-protocol-<admin_header>`)
   engine_backend       what the engine models are: "sim" (simulated; loads carry a config override
@@ -31,6 +39,7 @@ Keys (all optional but the policy has a default too):
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -39,6 +48,7 @@ from typing import Any
 
 from qlm_backend.core.config import ManagerConfig
 from qlm_backend.core.policies import validate_policy_name
+from qlm_backend.router.stream_driver import WarmMode
 from qlm_backend.settings import coerce, read_settings
 
 CONFIG_FILE = "router.json"
@@ -68,6 +78,12 @@ class RouterConfig:
     forward_priority: bool = True
     load_timeout_s: float = 600.0
     max_prompt_bytes: int = 1 << 20
+    # Above the 2,860 concurrent streams the 10x overload bench holds (docs/reliability.md), yet a
+    # bound on memory (a queued request keeps its prompt) and on the planner's work per tick.
+    max_pending_requests: int = 10_000
+    # Twice the longest shipped class SLO (batch-2: first token within 3600 s), so no request the
+    # planner may legitimately hold back is cut; only one nothing serves ends this way.
+    request_timeout_s: float = 7200.0
     admin_key_env: str = "QLM_ADMIN_KEY"
     admin_header: str = "qlm-admin-key"
     engine_backend: str = "sim"
@@ -97,6 +113,39 @@ class RouterConfig:
         if self.backend_for(instance_id) != "sim":
             return None
         return {"load_mode": "warm" if warm else "cold"}
+
+    def warm_mode(self, instance_id: str, warm_start: bool) -> WarmMode:
+        """How this instance's engine starts warm: simulated engines by a load in warm mode, our
+        vLLM engine by sleep and wake, Triton's stock vllm_backend not at all (docs/engines.md).
+        An instance the fleet marks `warm_start: false` is always cold."""
+        if not warm_start:
+            return "none"
+        modes: dict[str, WarmMode] = {"sim": "load", "qlm-vllm": "sleep"}
+        return modes.get(self.backend_for(instance_id), "none")
+
+    def queue_refusal(self, pending: int) -> str | None:
+        """Why a request arriving while the router holds `pending` requests (accepted, not ended)
+        is refused; None: it is not. Refused at the bound, so the router never holds more."""
+        if pending < self.max_pending_requests:
+            return None
+        return (
+            f"request refused: the router's queue is full ({pending} requests pending, queued "
+            f"or in engines; max_pending_requests is {self.max_pending_requests})"
+        )
+
+    def check_timeout(self, slo_classes: Mapping[str, float]) -> None:
+        """The wall deadline must leave every class its first-token SLO (simulated seconds, so
+        x time_scale in wall seconds): a shorter one would cut requests the planner rightly holds
+        back (batch classes wait by design) before their own deadline."""
+        if not slo_classes:
+            return
+        name, slo_s = max(slo_classes.items(), key=lambda kv: kv[1])
+        if self.request_timeout_s <= slo_s * self.time_scale:
+            raise RouterConfigError(
+                "request_timeout_s",
+                f"{self.request_timeout_s:g} s must exceed the TTFT SLO of every class; class "
+                f"{name!r} has {slo_s * self.time_scale:g} wall seconds",
+            )
 
     def url_for(self, instance_id: str) -> str:
         url = self.instance_servers.get(instance_id)
@@ -143,8 +192,14 @@ class RouterConfig:
         ):
             if not getattr(cfg, key) > 0:
                 raise RouterConfigError(key, f"must be > 0, got {getattr(cfg, key)}")
-        if cfg.max_prompt_bytes < 1:
-            raise RouterConfigError("max_prompt_bytes", f"must be >= 1, got {cfg.max_prompt_bytes}")
+        if not (0 < cfg.request_timeout_s < math.inf):
+            raise RouterConfigError(
+                "request_timeout_s",
+                f"must be a finite number of seconds > 0, got {cfg.request_timeout_s}",
+            )
+        for key in ("max_prompt_bytes", "max_pending_requests"):
+            if getattr(cfg, key) < 1:
+                raise RouterConfigError(key, f"must be >= 1, got {getattr(cfg, key)}")
         for iid, url in cfg.instance_servers.items():
             if not isinstance(url, str) or not url.startswith("grpc://"):
                 raise RouterConfigError(

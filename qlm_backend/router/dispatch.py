@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from qlm_backend.contract import ROUTER_PASS_THROUGH, engine_request_tensors
 from qlm_backend.router.executor import Chunk
 from qlm_backend.router.stream_driver import EngineError
+from qlm_backend.vllm_engine.control import ControlOp, ControlReply, control_parameters
 
 
 class EngineStream:
@@ -32,6 +33,7 @@ class EngineStream:
         model: str,
         fields: Mapping[str, Any],
         request_id: str,
+        parameters: Mapping[str, str] | None = None,
     ):
         self._done = asyncio.Event()
         # Built here, from the contract's engine table: a bad field is the caller's error, raised
@@ -43,7 +45,10 @@ class EngineStream:
             inputs.append(t)
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+            req: dict[str, Any] = {"model_name": model, "inputs": inputs, "request_id": request_id}
+            if parameters:
+                req["parameters"] = dict(parameters)
+            yield req
             # Keep the request side open until the response side ends: closing it early would
             # half-close the stream, which some servers treat as the end of the request.
             await self._done.wait()
@@ -68,6 +73,7 @@ class EngineStream:
                     r = reason.reshape(-1)[0]
                     fr = r.decode() if isinstance(r, bytes) else str(r)
                     fr = None if fr == "None" else fr
+                cached = result.as_numpy("num_cached_tokens")  # our engines, when asked
                 extras = {}
                 for name in ROUTER_PASS_THROUGH:
                     arr = result.as_numpy(name)
@@ -80,6 +86,7 @@ class EngineStream:
                     int(n.reshape(-1)[0]) if n is not None else 0,
                     fr,
                     extras,
+                    cached_tokens=int(cached.reshape(-1)[0]) if cached is not None else None,
                 )
                 yield chunk
                 if fr is not None:
@@ -116,11 +123,14 @@ def _engine_error(error: Any, model: str) -> EngineError:
 class EngineServer:
     """A Triton server holding engine models: streams, loads, unloads."""
 
-    def __init__(self, url: str, admin_headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, url: str, admin_headers: dict[str, str] | None = None, admin_key: str | None = None
+    ) -> None:
         self.url = url
         self.client = grpcaio.InferenceServerClient(url)
-        # The model repository API may be restricted (Triton's --grpc-restricted-protocol).
-        self.headers = admin_headers
+        # The model repository API may be restricted (Triton's --grpc-restricted-protocol); the
+        # engines' control requests then carry the same key.
+        self.headers, self.admin_key = admin_headers, admin_key
 
     def stream(self, model: str, fields: Mapping[str, Any], request_id: str) -> EngineStream:
         return EngineStream(self.client, model, fields, request_id)
@@ -134,6 +144,18 @@ class EngineServer:
 
     async def unload(self, model: str) -> None:
         await self.client.unload_model(model, headers=self.headers)
+
+    async def control(self, model: str, op: ControlOp) -> ControlReply:
+        """Sleep, wake or ask the state of a running engine (vllm_engine/control.py)."""
+        params = control_parameters(op, self.admin_key)
+        stream = EngineStream(self.client, model, {"text_input": "-"}, f"control-{op}", params)
+        try:
+            # One response (FINAL, no finish_reason): the first chunk is the whole reply.
+            async for ch in stream.chunks():
+                return ControlReply.from_json(ch.text)
+        finally:
+            stream.cancel()
+        raise EngineError(f"{model}: no reply to {op}", unavailable=True)
 
     async def is_ready(self, model: str) -> bool:
         try:

@@ -17,7 +17,9 @@ call carries `now` in core seconds, and the driver reports back what engines did
   and Release maintain; an instance serves nothing between the swap and `on_loaded`;
 - engine failure: every request in flight on the instance queues again and the driver recovers it;
 - outcome accounting: every accepted request ends exactly once as attained / missed (first token
-  by its deadline or not), rejected, cancelled or failed, counted in `counters`.
+  by its deadline or not), rejected, cancelled or failed, counted in `counters`;
+- the wall deadline (`request_timeout_s`, the router's; the simulator sets none): a request not
+  finished that long after its arrival fails with an explicit error, its engine stream stopped.
 
 What the two drivers do differently (not shared, by nature): the stream driver runs each stream in
 an asyncio task and retries a failed instance's load with backoff; the simulation driver turns
@@ -27,6 +29,7 @@ resume "swap"), which real engines here do not have (the router resumes by recom
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +65,7 @@ class Chunk:
     finish_reason: str | None
     extras: Mapping[str, Any] = field(default_factory=dict)  # other outputs, passed through
     scheduled_s: float | None = None  # virtual engines: when the engine first scheduled it
+    cached_tokens: int | None = None  # prompt tokens the engine's prefix cache held, if reported
 
 
 class ClientSink(Protocol):
@@ -90,8 +94,22 @@ class Driver(Protocol):
         ...
 
     def swap(
-        self, instance_id: str, from_model: str | None, to_model: str, warm: bool, now: float
-    ) -> None: ...
+        self,
+        instance_id: str,
+        from_model: str | None,
+        to_model: str,
+        warm: bool,
+        keep_from: bool,
+        now: float,
+    ) -> None:
+        """Replace `from_model` by `to_model`: `warm` if its weights are in the host's memory,
+        `keep_from` if the outgoing model stays there (KeepWarm). Ends with on_loaded(..., warm=
+        what really happened) or on_load_failed."""
+        ...
+
+    def release(self, instance_id: str, model: str, now: float) -> None:
+        """The host no longer keeps `model` warm: free what this instance kept of it."""
+        ...
 
     def recover(self, instance_id: str, model: str, now: float) -> None:
         """Bring a failed instance back with `model` (retrying as the driver sees fit)."""
@@ -123,6 +141,7 @@ class Flight:
     scheduled_s: float | None = None  # when the engine first scheduled it (where known)
     evictions: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    resume_context: int = 0  # tokens the open stream resumed with, until its engine reports hits
 
     @property
     def stream_id(self) -> str:
@@ -144,9 +163,15 @@ class Executor:
         on_lso: Callable[[str, int], None] = _quiet,
         wake: Callable[[], None] = _quiet,
         log: Callable[[str, str], None] = _quiet,  # (level, message)
+        on_resume: Callable[[str, int, int], None] = _quiet,  # (instance, context, cached)
+        request_timeout_s: float | None = None,
+        timeout_message: str = "request timed out",
     ) -> None:
+        """`request_timeout_s` (core seconds; None: no wall deadline, as in the simulator): a
+        request not finished that long after its arrival ends with `timeout_message` (`_expire`)."""
         self.qm, self.driver = qm, driver
         self.on_outcome, self.on_lso, self.wake, self.log = on_outcome, on_lso, wake, log
+        self.on_resume = on_resume
         self.flights: dict[str, Flight] = {}
         self._streams: dict[str, Flight] = {}
         self.counters: Counter[str] = Counter()
@@ -155,6 +180,8 @@ class Executor:
         self.loading: dict[str, str] = {}  # instance -> model being loaded (swap or recovery)
         self.host_warm: dict[str, set[str]] = {}
         self._cancel_cursor = 0
+        self.request_timeout_s, self.timeout_message = request_timeout_s, timeout_message
+        self._expiry: list[tuple[float, str]] = []  # (expiry, rid), a heap; may hold ended ones
 
     # ------------------------------------------------------------------ requests in
     def admit(self, flight: Flight, req: Request, now: float) -> bool:
@@ -165,6 +192,13 @@ class Executor:
             self._end(flight, "rejected", now, (f"request shed: {rej.reason}", "unavailable"))
             return False
         self.flights[flight.rid] = flight
+        if self.request_timeout_s is not None:
+            heapq.heappush(self._expiry, (flight.arrival_s + self.request_timeout_s, flight.rid))
+            # Entries of requests that ended stay until their time; compacted once they outnumber
+            # the live ones, so the heap stays O(live) (amortized O(1) per admission).
+            if len(self._expiry) > 2 * len(self.flights) + 1024:
+                self._expiry = [e for e in self._expiry if e[1] in self.flights]
+                heapq.heapify(self._expiry)
         self.wake()
         return True
 
@@ -174,6 +208,8 @@ class Executor:
 
     # ------------------------------------------------------------------ the core's actions
     def step(self, now: float) -> list[Action]:
+        if self._expiry and self._expiry[0][0] <= now:
+            self._expire(now)
         actions = self.qm.plan(now)
         for a in actions:
             self.execute(a, now)
@@ -190,8 +226,12 @@ class Executor:
             self.host_warm.setdefault(self.host_of[a.instance_id], set()).add(a.model)
             self._lso("keep_warm")
         elif isinstance(a, Release):
-            self.host_warm.get(self.host_of[a.instance_id], set()).discard(a.model)
+            host = self.host_of[a.instance_id]
+            self.host_warm.get(host, set()).discard(a.model)
             self._lso("release")
+            for iid, h in self.host_of.items():
+                if h == host and a.model not in (self.model_of.get(iid), self.loading.get(iid)):
+                    self.driver.release(iid, a.model, now)
         elif isinstance(a, Rebalance):
             self._lso("rebalance")
         elif isinstance(a, Reject):
@@ -215,6 +255,9 @@ class Executor:
                 self._stop(f, "cancel", now)
             f.gen += 1
             f.instance, f.streaming = a.instance_id, True
+            # A resume re-prefills prompt + text so far, less what the engine's prefix cache
+            # still holds: its first chunk says how much (where the engine reports it).
+            f.resume_context = f.prompt_tokens + f.tokens_done if f.tokens_done else 0
             if f.pulled_s is None:
                 f.pulled_s = now
             if f.first_token_s is None:
@@ -240,14 +283,15 @@ class Executor:
         iid = a.instance_id
         if any(f.streaming and f.instance == iid for f in self.flights.values()):
             self.counters["swap_on_busy_engine"] += 1
-        # Warm only if the weights really are in this host's memory (KeepWarm/Release say so).
-        warm = a.to_model in self.host_warm.get(self.host_of[iid], set())
+        # Warm only if the weights really are in this host's memory (KeepWarm/Release say so);
+        # counted as warm only if the driver reports the engine really started warm (on_loaded).
+        kept = self.host_warm.get(self.host_of[iid], set())
+        warm = a.to_model in kept
         if warm != a.warm:
             self.counters["warm_flag_mismatch"] += 1
-        self._lso("swap_model_warm" if warm else "swap_model_cold")
         self.model_of[iid] = None
         self.loading[iid] = a.to_model
-        self.driver.swap(iid, a.from_model, a.to_model, warm, now)
+        self.driver.swap(iid, a.from_model, a.to_model, warm, a.from_model in kept, now)
 
     # ------------------------------------------------------------------ engine events
     def on_chunk(self, stream_id: str, ch: Chunk, now: float) -> bool:
@@ -255,6 +299,13 @@ class Executor:
         f = self._streams.get(stream_id)
         if f is None:
             return False  # stale: evicted, cancelled or failed meanwhile
+        if f.resume_context and ch.cached_tokens is not None and f.instance is not None:
+            cached = min(ch.cached_tokens, f.resume_context)
+            self.counters["resume_tokens"] += f.resume_context
+            self.counters["resume_cached_tokens"] += cached
+            self.qm.on_resume_cached(f.instance, cached, f.resume_context, now)
+            self.on_resume(f.instance, f.resume_context, cached)
+            f.resume_context = 0
         if ch.text:
             f.text.append(ch.text)
         f.tokens_done += ch.num_output_tokens
@@ -298,10 +349,14 @@ class Executor:
         self.wake()
         return True
 
-    def on_loaded(self, instance_id: str, model: str, now: float) -> bool:
+    def on_loaded(self, instance_id: str, model: str, now: float, warm: bool | None = None) -> bool:
+        """`model` serves on the instance: after a swap, `warm` says whether it really started
+        warm (from host memory, an engine woken); None after a recovery."""
+        if warm is not None:
+            self._lso("swap_model_warm" if warm else "swap_model_cold")
         self.loading.pop(instance_id, None)
         self.model_of[instance_id] = model
-        self.qm.on_model_loaded(instance_id, model, now)
+        self.qm.on_model_loaded(instance_id, model, now, warm=warm)
         self.wake()
         return True
 
@@ -351,6 +406,20 @@ class Executor:
             f.sink.error(message, "unavailable")
 
     # ------------------------------------------------------------------ endings
+    def _expire(self, now: float) -> None:
+        """End every request past its wall deadline, wherever it is (queued, or streaming from an
+        engine that may never answer): an explicit error instead of a client held forever, and its
+        engine stream stopped. O(expired) per call: the heap's head is the next deadline."""
+        while self._expiry and self._expiry[0][0] <= now:
+            expiry, rid = heapq.heappop(self._expiry)
+            f = self.flights.get(rid)
+            # Ended before its deadline, or a later request under the same id (its own entry).
+            if f is None or f.arrival_s + (self.request_timeout_s or 0.0) != expiry:
+                continue
+            self.counters["timed_out"] += 1
+            self.log("warn", f"{rid}: {self.timeout_message}")
+            self._fail(f, self.timeout_message, "unavailable", now)
+
     def _stop(self, f: Flight, kind: StopKind, now: float) -> None:
         if f.streaming:
             sid = f.stream_id

@@ -17,12 +17,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from qlm_backend.contract import GenerateParams
 from qlm_backend.router.executor import Chunk, Executor, Flight, StopKind
+from qlm_backend.vllm_engine.control import ControlOp, ControlReply
+
+WarmMode = Literal["load", "sleep", "none"]
 
 
 class EngineError(RuntimeError):
@@ -50,16 +53,25 @@ class EngineClient(Protocol):
 
     async def unload(self, model: str) -> None: ...
 
+    async def control(self, model: str, op: ControlOp) -> ControlReply:
+        """Sleep, wake or ask the state of a running engine (engines that can sleep only)."""
+        ...
+
     async def is_ready(self, model: str) -> bool: ...
 
     async def close(self) -> None: ...
 
 
 def engine_fields(
-    params: GenerateParams, text_so_far: str, tokens_done: int, priority: int | None
+    params: GenerateParams,
+    text_so_far: str,
+    tokens_done: int,
+    priority: int | None,
+    ask_cached: bool = False,
 ) -> dict[str, Any]:
     """The engine request that continues a router request after `tokens_done` tokens: prompt +
-    the text already sent, and only the tokens still owed (a resume is exact, not a restart)."""
+    the text already sent, and only the tokens still owed (a resume is exact, not a restart).
+    `ask_cached` (engines that report it): a resume asks how much its prefix cache held."""
     sampling = params.sampling.as_vllm_dict()
     sampling["max_tokens"] = params.sampling.max_tokens - tokens_done
     sampling["min_tokens"] = max(0, params.sampling.min_tokens - tokens_done)
@@ -76,6 +88,8 @@ def engine_fields(
             fields[flag] = True
     if priority is not None:
         fields["priority"] = int(priority)
+    if ask_cached and tokens_done:
+        fields["return_num_cached_tokens"] = True
     return fields
 
 
@@ -108,15 +122,23 @@ class StreamDriver:
         load_override: Callable[[str, str, bool], Mapping[str, Any] | None],
         clock: Callable[[], float],
         *,
+        warm_mode: Callable[[str], WarmMode] = lambda instance: "load",
         load_timeout_s: float = 300.0,
         retry_s: tuple[float, float] = (0.5, 30.0),
         log: Callable[[str, str], None] = lambda level, msg: None,
     ) -> None:
         """`engine_name(model, instance)` names the engine model; `request_fields(flight,
         instance, priority)` builds its request; `load_override(engine, instance, warm)` the config
-        override a load sends (None: the engine's own config)."""
+        override a load sends (None: the engine's own config); `warm_mode(instance)` how its engines
+        start warm: "load" (the load itself, told by its override: simulated engines), "sleep"
+        (a swap puts the outgoing engine to sleep and wakes the incoming one; Release unloads a
+        sleeping one: our vLLM engine) or "none" (every load is cold)."""
         self.client_for, self.engine_name = client_for, engine_name
         self.request_fields, self.load_override = request_fields, load_override
+        self.warm_mode = warm_mode
+        # (instance, model) whose engine is loaded and asleep; entered before the sleep is sent,
+        # so that a Release arriving meanwhile still finds it.
+        self.asleep: set[tuple[str, str]] = set()
         self.clock, self.load_timeout_s, self.retry_s, self.log = (
             clock,
             load_timeout_s,
@@ -146,9 +168,20 @@ class StreamDriver:
             stream.cancel()  # reaches the engine's is_cancelled() within a step
 
     def swap(
-        self, instance_id: str, from_model: str | None, to_model: str, warm: bool, now: float
+        self,
+        instance_id: str,
+        from_model: str | None,
+        to_model: str,
+        warm: bool,
+        keep_from: bool,
+        now: float,
     ) -> None:
-        self._spawn(self._swap(instance_id, from_model, to_model, warm))
+        self._spawn(self._swap(instance_id, from_model, to_model, warm, keep_from))
+
+    def release(self, instance_id: str, model: str, now: float) -> None:
+        if (instance_id, model) in self.asleep:
+            self.asleep.discard((instance_id, model))
+            self._spawn(self._unload(instance_id, model))
 
     def recover(self, instance_id: str, model: str, now: float) -> None:
         self._spawn(self._recover(instance_id, model))
@@ -189,31 +222,71 @@ class StreamDriver:
             if stream is not None and not ended and not ex.is_live(sid):
                 stream.cancel()  # whoever left it, its engine request stops
 
-    async def _swap(self, instance: str, from_model: str | None, to_model: str, warm: bool) -> None:
+    async def _swap(
+        self, instance: str, from_model: str | None, to_model: str, warm: bool, keep_from: bool
+    ) -> None:
         ex = self.ex
         assert ex is not None
         client = self.client_for(instance)
+        mode = self.warm_mode(instance)
+        sleeps = mode == "sleep"
         t0 = self.clock()
+        started_warm = warm and mode == "load"
         try:
             if from_model:
-                await client.unload(self.engine_name(from_model, instance))
+                await self._put_away(client, instance, from_model, sleeps and keep_from)
             name = self.engine_name(to_model, instance)
-            await asyncio.wait_for(
-                client.load(name, self.load_override(name, instance, warm)),
-                timeout=self.load_timeout_s,
-            )
+            if sleeps and (instance, to_model) in self.asleep:
+                started_warm = await self._wake(client, instance, to_model)
+            if not (sleeps and started_warm):
+                await asyncio.wait_for(
+                    client.load(name, self.load_override(name, instance, warm)),
+                    timeout=self.load_timeout_s,
+                )
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a failed load fails the instance; recovery retries
             ex.on_load_failed(instance, to_model, repr(e), self.clock())
             return
         now = self.clock()
-        self.log(
-            "info",
-            f"{instance}: {from_model} -> {to_model} ({'warm' if warm else 'cold'}) "
-            f"in {now - t0:.1f} s",
-        )
-        ex.on_loaded(instance, to_model, now)
+        how = ("woken" if sleeps else "warm") if started_warm else "cold"
+        self.log("info", f"{instance}: {from_model} -> {to_model} ({how}) in {now - t0:.1f} s")
+        ex.on_loaded(instance, to_model, now, warm=started_warm)
+
+    async def _put_away(self, client: EngineClient, instance: str, model: str, sleep: bool) -> None:
+        """The outgoing engine: asleep if the host keeps it warm and it can sleep, else unloaded."""
+        name = self.engine_name(model, instance)
+        if sleep:
+            self.asleep.add((instance, model))
+            try:
+                await client.control(name, "sleep")
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - an engine that cannot sleep is unloaded
+                self.asleep.discard((instance, model))
+                self.log("warn", f"{instance}: {model} could not sleep ({e}); unloading it")
+        await client.unload(name)
+
+    async def _wake(self, client: EngineClient, instance: str, model: str) -> bool:
+        """Wake a sleeping engine; False (then it loads cold) if it is gone or would not wake."""
+        self.asleep.discard((instance, model))
+        try:
+            reply = await client.control(self.engine_name(model, instance), "wake")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. released or crashed meanwhile
+            self.log("warn", f"{instance}: {model} did not wake ({e}); loading it cold")
+            return False
+        return not reply.asleep
+
+    async def _unload(self, instance: str, model: str) -> None:
+        try:
+            await self.client_for(instance).unload(self.engine_name(model, instance))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - nothing waits on it; say so and go on
+            self.log("warn", f"{instance}: unloading sleeping {model} failed: {e}")
 
     async def _recover(self, instance: str, model: str) -> None:
         """Reload the model (or find it ready) with exponential backoff until it serves."""
@@ -230,6 +303,13 @@ class StreamDriver:
                         client.load(name, self.load_override(name, instance, False)),
                         timeout=self.load_timeout_s,
                     )
+                elif self.warm_mode(instance) == "sleep":
+                    # Ready in Triton's index says nothing of sleep: an engine left asleep (by a
+                    # router that died, say) would refuse every request. A wake of an awake
+                    # engine is a no-op.
+                    self.asleep.discard((instance, model))
+                    if (await client.control(name, "wake")).asleep:
+                        raise EngineError(f"{name} stays asleep", unavailable=True)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - keep trying, slower
@@ -248,4 +328,11 @@ class StreamDriver:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-__all__ = ["EngineClient", "EngineError", "EngineStream", "StreamDriver", "engine_fields"]
+__all__ = [
+    "EngineClient",
+    "EngineError",
+    "EngineStream",
+    "StreamDriver",
+    "WarmMode",
+    "engine_fields",
+]

@@ -2,7 +2,9 @@
 
 Beside Triton it starts `qlm-openai` (the OpenAI-compatible endpoint, qlm_backend/openai_front) as a
 child in qlm-serve's own process group, so Ctrl-C reaches both; it is stopped with the server (and
-stops by itself if qlm-serve is killed).
+stops by itself if qlm-serve is killed). It also supervises the router: when the router's stub dies,
+Triton 2.51 reloads nothing, so qlm-serve unloads and loads it again (triton/supervisor.py;
+--no-supervise turns it off).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from qlm_backend.triton.server import (
     TritonServer,
     port_is_free,
 )
+from qlm_backend.triton.supervisor import RepositoryApi, RouterSupervisor, SupervisorConfig
 
 FLEET_FILE = "fleet.json"
 ROUTER_MODEL = "qlm"
@@ -100,6 +103,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"port of the OpenAI-compatible endpoint, qlm-openai (default {OPENAI_PORT})",
     )
     p.add_argument("--no-openai", action="store_true", help="do not start qlm-openai")
+    p.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="do not reload the router when its stub dies (docs/reliability.md, the router's own crash)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     return p.parse_args(argv)
 
@@ -141,6 +149,14 @@ def stop_openai(proc: subprocess.Popen[bytes] | None, timeout_s: float = 12.0) -
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def start_supervisor(server: TritonServer, timeout_s: float) -> RouterSupervisor:
+    """Reloads the router through the repository API when its stub dies (Triton 2.51 does not)."""
+    cfg = SupervisorConfig(request_timeout_s=timeout_s)
+    api = RepositoryApi(server.http_url, server.admin_key, cfg.request_timeout_s)
+    log = lambda msg: print(f"qlm-serve: {msg}", flush=True)  # noqa: E731
+    return RouterSupervisor(ROUTER_MODEL, server.descendants, api, cfg, log).start()
 
 
 def example_engine(loaded: list[str]) -> str:
@@ -199,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, TimeoutError) as e:
         print(f"qlm-serve: error: {e}", file=sys.stderr)
         return 1
+    supervisor = None
+    if ROUTER_MODEL in loads and not a.no_supervise:
+        supervisor = start_supervisor(server, a.timeout)
     host = a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1"
     openai_url = f"http://{host}:{a.openai_port}"
     front = None
@@ -207,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             front = start_openai(openai_command(a, repo, server.grpc_url), openai_url)
         except LaunchError as e:
             print(f"qlm-serve: error: {e}", file=sys.stderr)
+            if supervisor is not None:
+                supervisor.stop()
             server.stop()
             return 1
     eng = example_engine(loads)
@@ -236,7 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         f"  metrics  http://{host}:{server.metrics_port}/metrics\n"
         + openai_line
         + f"  models   {', '.join(loads)}\n"
-        f"  model repository API: {'open' if not server.admin_key else 'restricted (header ' + repr(ADMIN_HEADER) + '; key in $' + ADMIN_KEY_ENV + ' or --admin-key)'}\n\n"
+        f"  model repository API: {'open' if not server.admin_key else 'restricted (header ' + repr(ADMIN_HEADER) + '; key in $' + ADMIN_KEY_ENV + ' or --admin-key)'}\n"
+        + (
+            "  router supervised: reloaded if its stub dies (--no-supervise to turn off)\n"
+            if supervisor is not None
+            else ""
+        )
+        + "\n"
         "Try:\n"
         + router_hint
         + f"  curl -N http://{host}:{server.http_port}/v2/models/{eng}/generate_stream "
@@ -260,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         # Triton first: the router ends its requests with an explicit error, which qlm-openai
         # passes on to its clients before it stops.
         print("\nqlm-serve: stopping tritonserver ...", flush=True)
+        if supervisor is not None:
+            supervisor.stop()  # first: the stubs' exits at the stop are no crash
         server.stop()
         stop_openai(front)
         print("qlm-serve: stopped", flush=True)

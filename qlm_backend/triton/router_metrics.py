@@ -1,6 +1,6 @@
 """The router's metrics on Triton's own metrics endpoint (pb_utils.MetricFamily), so existing
 Prometheus scrapes of :8002 see them: queues and predicted waits per model and class, SLO outcomes per
-class, LSO counts by kind, planner time and solver fallbacks.
+class, refusals by reason, LSO counts by kind, planner time and solver fallbacks.
 
 Every pb_utils.Metric call is a synchronous IPC: gauges are pushed on an interval, counters on events.
 """
@@ -16,6 +16,7 @@ from qlm_backend.core.decisions import PlanDecision
 from qlm_backend.core.manager import QueueStat
 from qlm_backend.router.executor import Flight
 
+REJECT_REASONS = ("shed", "queue_full")
 PLANNER_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 # Seconds to first token and in the router's queue. The shipped classes' TTFT SLOs (20, 60, 3600 s)
 # are bucket bounds, so attainment per class reads off one bucket: le="<slo>" / count.
@@ -41,6 +42,12 @@ class RouterMetrics:
             "Requests by SLO class and outcome (attained, missed, rejected, cancelled, failed).",
             fam.COUNTER,
         )
+        self._rejected = fam(
+            "qlm_rejected_total",
+            "Requests refused (outcome rejected), by reason: shed (admission control: its "
+            "deadline cannot be met) or queue_full (the router at max_pending_requests).",
+            fam.COUNTER,
+        )
         self._lso = fam(
             "qlm_lso_total", "LLM serving operations carried out, by kind.", fam.COUNTER
         )
@@ -56,6 +63,13 @@ class RouterMetrics:
             "(simulated seconds).",
             fam.HISTOGRAM,
         )
+        self._resume = fam(
+            "qlm_resume_tokens_total",
+            "Context tokens (prompt + text so far) of requests resumed after an eviction, per "
+            "instance: kind=context all of them, kind=cached those the engine's prefix cache "
+            "still held (reported by our engines; the plan charges a resume the rest).",
+            fam.COUNTER,
+        )
         self._plan = fam("qlm_planner_seconds", "Wall time of planner decisions.", fam.HISTOGRAM)
         self._fallback = fam(
             "qlm_solver_fallbacks_total", "Plans decided by the heuristic fallback.", fam.COUNTER
@@ -67,6 +81,8 @@ class RouterMetrics:
         # Every (model, class) pair is exported from the start, at zero, so dashboards see all series.
         self._queue_keys: set[tuple[str, str]] = set(kinds)
         self.queues([])
+        for reason in REJECT_REASONS:
+            self._m(self._rejected, reason=reason)
 
     def _m(self, fam: Any, buckets: list[float] | None = None, **labels: str) -> Any:
         """The family's metric with these labels (created once; `buckets` for histograms)."""
@@ -80,6 +96,8 @@ class RouterMetrics:
     def ended(self, f: Flight, outcome: str, now: float) -> None:
         """A request's outcome (the executor's on_outcome), and its latencies if it finished."""
         self.outcome(f.slo_class, outcome)
+        if outcome == "rejected":  # the executor rejects only by shedding
+            self._m(self._rejected, reason="shed").increment(1)
         if outcome in ("attained", "missed"):
             ttft = None if f.first_token_s is None else f.first_token_s - f.arrival_s
             queue = (f.pulled_s if f.pulled_s is not None else now) - f.arrival_s
@@ -94,8 +112,18 @@ class RouterMetrics:
     def outcome(self, slo_class: str, outcome: str) -> None:
         self._m(self._outcome, slo_class=slo_class, outcome=outcome).increment(1)
 
+    def refused(self, slo_class: str, reason: str) -> None:
+        """A request the router refused before the executor saw it (e.g. queue_full)."""
+        self.outcome(slo_class, "rejected")
+        self._m(self._rejected, reason=reason).increment(1)
+
     def lso(self, kind: str, n: int = 1) -> None:
         self._m(self._lso, kind=kind).increment(n)
+
+    def resume(self, instance: str, context_tokens: int, cached_tokens: int) -> None:
+        """A resumed request's context and the part its engine found cached."""
+        self._m(self._resume, instance=instance, kind="context").increment(context_tokens)
+        self._m(self._resume, instance=instance, kind="cached").increment(cached_tokens)
 
     def planner(self, decisions: Sequence[PlanDecision]) -> None:
         """Observe the decisions made since the last call (the core keeps a bounded history)."""

@@ -60,17 +60,20 @@ class RouterModel:
                 raise pb_utils.TritonModelException(
                     f"router config key {key!r}: {value!r} is not one of {sorted(known)}"
                 )
+        self.cfg.check_timeout(self.classes)
         self.qm = QueueManager(fleet, self.cfg.policy, self.cfg.manager_config())
         self.metrics = RouterMetrics(name, [(m, c) for m in self.models for c in self.classes])
         self._servers: dict[str, EngineServer] = {}
         self._ids, self._t0, self._closing = itertools.count(1), time.monotonic(), False
         self._wake: asyncio.Event | None = None
+        specs = {i.instance_id: i for i in fleet.instances}
         self.driver = StreamDriver(
             lambda iid: self._server(self.cfg.url_for(iid)),
             engine_model_name,
             self._engine_fields,
             self._load_override,
             self._now,
+            warm_mode=lambda iid: self.cfg.warm_mode(iid, specs[iid].warm_start),
             load_timeout_s=self.cfg.load_timeout_s,
             log=self._log,
         )
@@ -78,6 +81,10 @@ class RouterModel:
             self.qm, self.driver, fleet.instances,
             on_outcome=self.metrics.ended,
             on_lso=self.metrics.lso, wake=self._wakeup, log=self._log,
+            on_resume=self.metrics.resume,
+            request_timeout_s=self.cfg.request_timeout_s / self.cfg.time_scale,  # core seconds
+            timeout_message=f"{name}: request timed out: not finished "
+            f"{self.cfg.request_timeout_s:g} s after receipt (request_timeout_s)",
         )  # fmt: skip
         self.driver.bind(self.ex)
         self.loop = LoopThread(f"{name}-router")
@@ -126,14 +133,16 @@ class RouterModel:
 
     def _server(self, url: str) -> EngineServer:
         if url not in self._servers:
-            self._servers[url] = EngineServer(url, self.cfg.admin_headers())
+            self._servers[url] = EngineServer(url, self.cfg.admin_headers(), self.cfg.admin_key())
         return self._servers[url]
 
     def _engine_fields(self, f: Flight, instance: str, priority: int) -> dict[str, Any]:
-        # Triton's vllm_backend has no `priority` input (its PR is unmerged): sending one is an error.
-        send = self.cfg.forward_priority and self.cfg.backend_for(instance) != "vllm"
+        # Triton's vllm_backend has no `priority` input (its PR is unmerged) and no
+        # num_cached_tokens output: sending either is an error there.
+        ours = self.cfg.backend_for(instance) != "vllm"
+        send = self.cfg.forward_priority and ours
         return engine_fields(
-            f.payload.params, "".join(f.text), f.tokens_done, priority if send else None
+            f.payload.params, "".join(f.text), f.tokens_done, priority if send else None, ours
         )
 
     def _load_override(self, engine: str, instance: str, warm: bool) -> dict[str, Any] | None:
@@ -147,6 +156,11 @@ class RouterModel:
     def _admit(self, sender: Any, rr: RouterRequest, received_wall: float) -> None:
         if self._closing:
             send_error(sender, f"{self.name}: the router is unloading", "unavailable")
+            return
+        if refusal := self.cfg.queue_refusal(len(self.ex.flights)):
+            # Refused before it touches the core: the pending requests are not disturbed.
+            send_error(sender, f"{self.name}: {refusal}", "unavailable")
+            self.metrics.refused(rr.slo_class, "queue_full")
             return
         rid, now = f"q{next(self._ids)}", self._now(received_wall)
         sp = rr.params.sampling

@@ -8,7 +8,9 @@ wall clock (scaled by `time_scale`); tokens are synthetic words (engine/tokens.p
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,23 @@ class _Active:
     start_wall: float
     tokens: list[SynthToken] = field(default_factory=list)
     first_token_wall: float | None = None
+    cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
+
+
+# The router's engine stream ids: `<rid>.<generation>`. A resume of an evicted request is a new
+# generation of the same rid whose prompt starts with the old one's (prompt + text so far), so
+# the same rid and prompt head key the same cached context, as vLLM's content-hashed blocks would.
+_ROUTER_STREAM = re.compile(r"^(q\d+)\.\d+$")
+
+
+def prefix_key(request_id: str, prompt: str) -> str | None:
+    """The prefix-cache key of a request the router resumes; None (its own) for any other."""
+    m = _ROUTER_STREAM.match(request_id)
+    if m is None:
+        return None
+    # Several routers may share an engine and number their requests alike: the prompt's head
+    # tells their requests apart.
+    return f"{m.group(1)}:{hashlib.sha1(prompt[:32].encode()).hexdigest()[:12]}"
 
 
 class SimEngineModel:
@@ -108,7 +127,7 @@ class SimEngineModel:
             except Exception as e:  # noqa: BLE001 - every bad request gets its error, never silence
                 send_error(sender, f"{self.name}: {e}", error_kind(e))
                 continue
-            self.loop.call(self._admit, sender, params)
+            self.loop.call(self._admit, sender, params, request.request_id())
         return None
 
     def finalize(self) -> None:
@@ -124,7 +143,7 @@ class SimEngineModel:
     def _now(self) -> float:
         return (time.monotonic() - self._t0) / self.cfg.time_scale
 
-    def _admit(self, sender: Any, params: GenerateParams) -> None:
+    def _admit(self, sender: Any, params: GenerateParams, request_id: str = "") -> None:
         if self._closing:
             send_error(sender, f"{self.name}: model is unloading", "unavailable")
             return
@@ -139,10 +158,16 @@ class SimEngineModel:
             else draw_output_length(seed, self.cfg.mean_output_tokens, s.max_tokens)
         )
         target = max(target, s.min_tokens)
-        self._active[rid] = _Active(sender, params, n_prompt, TokenStream(seed), time.monotonic())
+        act = _Active(sender, params, n_prompt, TokenStream(seed), time.monotonic())
+        self._active[rid] = act
+        key = prefix_key(request_id, params.prompt)
+        if key is not None:
+            act.cached_tokens = min(n_prompt, self.engine.cached_tokens(key))
         try:
             self.engine.add(
-                EngineRequest(rid, n_prompt, s.max_tokens, target, params.priority, self._now()),
+                EngineRequest(
+                    rid, n_prompt, s.max_tokens, target, params.priority, self._now(), key
+                ),
                 self._now(),
             )
         except ValueError as e:
@@ -239,6 +264,7 @@ class SimEngineModel:
             logprobs_json(toks) if asked else None,
             act.prompt_tokens,
             n_new,
+            act.cached_tokens,
         )
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         try:

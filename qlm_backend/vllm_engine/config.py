@@ -22,6 +22,11 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 # every engine is stub + EngineCore + Worker; "uni" stays the documented request
 # (docs/triton-vllm-facts.md section 4).
 EXECUTOR_BACKENDS = ("uni", "mp")
+KV_OFFLOADING_BACKENDS = ("native", "lmcache")
+# Passed through to vLLM as they are, but checked here first (their errors inside vLLM come late
+# and do not name the file): the KV tier and prefix cache a resume after an eviction relies on,
+# and sleep mode for warm starts (docs/engines.md).
+BOOL_KEYS = ("enable_prefix_caching", "enable_sleep_mode")
 MiB = 1 << 20
 
 
@@ -115,6 +120,7 @@ def parse_engine_args(
             raise EngineArgsError(
                 k, "not used on CPU: set kv_cache_memory_bytes (bytes of KV cache)"
             )
+    _check_kv_tier(extra)
     d = VllmEngineArgs(model=str(path))
     args = VllmEngineArgs(
         model=str(path),
@@ -133,6 +139,25 @@ def parse_engine_args(
     )
     _check_model_len(path, args.max_model_len)
     return args
+
+
+def _check_kv_tier(extra: Mapping[str, Any]) -> None:
+    for k in BOOL_KEYS:
+        if k in extra and not isinstance(extra[k], bool):
+            raise EngineArgsError(k, f"must be true or false, got {extra[k]!r}")
+    size = extra.get("kv_offloading_size")
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, int | float) or not size > 0
+    ):
+        raise EngineArgsError(
+            "kv_offloading_size", f"must be a number of GiB > 0 (or absent: off), got {size!r}"
+        )
+    if "kv_offloading_backend" in extra:
+        _choice(extra, "kv_offloading_backend", KV_OFFLOADING_BACKENDS)
+        if size is None:
+            raise EngineArgsError(
+                "kv_offloading_backend", "has no effect without kv_offloading_size (GiB)"
+            )
 
 
 def _or(v: Any, default: Any) -> Any:

@@ -23,6 +23,7 @@ import functools
 import json
 import locale
 import math
+import os
 import queue
 import threading
 import time
@@ -53,11 +54,14 @@ from qlm_backend.triton.glue import (
     send_error,
 )
 from qlm_backend.vllm_engine.config import VllmEngineArgs, load_engine_args
+from qlm_backend.vllm_engine.control import Control, ControlReply, parse_control
+from qlm_backend.vllm_engine.resume import Resumable, ResumeMemory
 from qlm_backend.vllm_engine.trace import lifecycle_line
 
 # How often a request that produced no output is asked whether its client left: each poll is one
 # IPC, so per request and interval, not per token (docs/triton-vllm-facts.md section 6).
 CANCEL_POLL_S = 0.1
+ADMIN_KEY_ENV = "QLM_ADMIN_KEY"  # set by qlm-serve for a restricted model-repository API
 DRAIN_TIMEOUT_S = 30.0
 ENGINE_SHUTDOWN_TIMEOUT_S = 20.0
 # SamplingParams fields a client must not set: they steer how this glue reads outputs, or are
@@ -83,6 +87,9 @@ class _Request:
     arrival: float
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens vLLM found in its prefix cache (num_cached_tokens)
+    exact_resume: bool = False  # its prompt went in as the token ids of an aborted request
+    resumable: Resumable | None = field(default=None, repr=False)
     first_token: float | None = None
     # vLLM's own engine-core timestamps (monotonic, same clock as time.monotonic()): when the
     # scheduler first gave the request a seat, and when its first token was sampled.
@@ -184,7 +191,13 @@ class VllmEngineModel:
         self._running = 0
         self._trace = params.get("TRACE_REQUESTS", "false").lower() == "true"
         self._stream_interval_s = _stream_interval(params.get("STREAM_INTERVAL_S", "0"))
+        # Aborted requests' token ids, so that a resume hits the prefix cache (resume.py).
+        self._resume = ResumeMemory() if params.get("EXACT_RESUME", "true") != "false" else None
         self._closing = False
+        # Sleep mode (vllm_engine/control.py): generation is refused while asleep.
+        self._asleep = False
+        self._sleeping_now = False  # a running request cancelled by a sleep says so
+        self._admin_key = os.environ.get(ADMIN_KEY_ENV) or None
         self._io = _IoThread(self._poll_cancelled)
         self.loop = LoopThread(f"{self.name}-vllm")
         try:
@@ -232,6 +245,14 @@ class VllmEngineModel:
                 send_error(sender, f"{self.name}: model is unloading", "unavailable")
                 continue
             try:
+                ctl = parse_control(request.parameters(), self._admin_key)
+            except ContractError as e:
+                send_error(sender, f"{self.name}: {e}", "invalid")
+                continue
+            if ctl is not None:
+                self.loop.call(self._control_task, sender, ctl)
+                continue
+            try:
                 params = parse_generate(
                     read_inputs(request, ENGINE_INPUT_NAMES),
                     request.parameters(),
@@ -269,10 +290,11 @@ class VllmEngineModel:
             raise ContractError("sampling_parameters", str(e)) from None
 
     def _admit(self, sender: Any, params: GenerateParams, sampling: Any) -> None:
-        if self._closing:
-            self._io.put(
-                lambda: send_error(sender, f"{self.name}: model is unloading", "unavailable")
+        if self._closing or self._asleep:
+            state = (
+                "is unloading" if self._closing else "is asleep (a wake control request wakes it)"
             )
+            self._io.put(lambda: send_error(sender, f"{self.name}: model {state}", "unavailable"))
             return
         req = _Request(f"{self.name}-{uuid.uuid4().hex}", sender, params, time.monotonic())
         req.last_poll = req.arrival
@@ -287,9 +309,10 @@ class VllmEngineModel:
     async def _generate(self, req: _Request, sampling: Any) -> None:
         reason = "error"
         try:
-            gen = self.engine.generate(
-                req.params.prompt, sampling, req.rid, priority=req.params.priority
-            )
+            ids = self._resume.take(req.params.prompt) if self._resume is not None else None
+            req.exact_resume = ids is not None
+            prompt: Any = {"prompt_token_ids": ids} if ids is not None else req.params.prompt
+            gen = self.engine.generate(prompt, sampling, req.rid, priority=req.params.priority)
             cumulative = 0.0
             # A non-streaming request gathers its deltas here and answers once, at the end.
             texts: list[str] = []
@@ -306,6 +329,10 @@ class VllmEngineModel:
                         req.scheduled_ts = out.metrics.scheduled_ts
                         req.engine_first_token_ts = out.metrics.first_token_ts
                 req.prompt_tokens = len(out.prompt_token_ids or ())
+                if req.resumable is None and req.params.stream and self._resume is not None:
+                    req.resumable = Resumable(req.params.prompt, list(out.prompt_token_ids or ()))
+                if out.num_cached_tokens:
+                    req.cached_tokens = int(out.num_cached_tokens)
                 # DELTA outputs carry only new tokens (streaming or not, see _sampling).
                 n_new = len(c.token_ids)
                 req.output_tokens += n_new
@@ -336,8 +363,11 @@ class VllmEngineModel:
                         _logprobs_json(lp) if lp is not None else None,
                         req.prompt_tokens,
                         n_out,
+                        req.cached_tokens,
                     )
                     self._send(req, arrays, final)
+                    if req.resumable is not None:
+                        req.resumable.sent(c.text, list(c.token_ids))
                     if not final and self._stream_interval_s > 0:
                         # At most one response per interval per request after the first: vLLM
                         # merges what it produces meanwhile into the next delta.
@@ -361,12 +391,16 @@ class VllmEngineModel:
             reason = "abort"
             with contextlib.suppress(Exception):
                 await self.engine.abort(req.rid)
+            gone = self._closing or self._sleeping_now
+            if not gone and self._resume is not None and req.resumable is not None:
+                self._resume.remember(req.resumable)  # an eviction: its resume may come
             msg = (
-                f"{self.name}: model unloaded while the request was running"
-                if self._closing
+                f"{self.name}: model {'unloaded' if self._closing else 'put to sleep'} "
+                "while the request was running"
+                if gone
                 else "Request was cancelled"
             )
-            self._error(req, msg, "unavailable" if self._closing else "cancelled")
+            self._error(req, msg, "unavailable" if gone else "cancelled")
         except Exception as e:  # noqa: BLE001 - a failed request answers with an error, never hangs
             self.logger.log_error(
                 f"{self.name}: request {req.rid} failed: {traceback.format_exc()}"
@@ -404,6 +438,7 @@ class VllmEngineModel:
             f"glue_first_token={req.first_token or 0.0:.4f} first_sent={req.first_sent:.4f} "
             f"finished={time.monotonic():.4f} "
             f"prompt_tokens={req.prompt_tokens} output_tokens={req.output_tokens} "
+            f"cached_tokens={req.cached_tokens} exact_resume={int(req.exact_resume)} "
             f"reason={reason}"
         )
         log = self.logger.log_info
@@ -464,6 +499,46 @@ class VllmEngineModel:
             if cancelled and req.task is not None:
                 self.logger.log_info(f"{self.name}: request {req.rid} cancelled by the client")
                 self.loop.loop.call_soon_threadsafe(req.task.cancel)
+
+    # --- sleep and wake (control requests) ------------------------------------------------------
+    def _control_task(self, sender: Any, ctl: Control) -> None:
+        self.loop.loop.create_task(self._control(sender, ctl))
+
+    async def _control(self, sender: Any, ctl: Control) -> None:
+        t0 = time.monotonic()
+        aborted, changed = 0, False
+        try:
+            if ctl.op == "sleep" and not self._asleep:
+                changed = True
+                # Refuse new work first, then end what runs: vLLM's sleep would abort it silently.
+                self._asleep = self._sleeping_now = True
+                tasks = [r.task for r in self._active.values() if r.task is not None]
+                aborted = len(tasks)
+                for t in tasks:
+                    t.cancel()
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                self._sleeping_now = False
+                # Level 1: weights to host memory, KV cache (and the prefix cache) dropped.
+                await self.engine.sleep(level=1)
+            elif ctl.op == "wake" and self._asleep:
+                changed = True
+                await self.engine.wake_up()
+                self._asleep = False
+        except Exception as e:  # noqa: BLE001 - the router learns it failed, and why
+            self._sleeping_now = False
+            self.logger.log_error(f"{self.name}: {ctl.op} failed: {traceback.format_exc()}")
+            msg = f"{self.name}: {ctl.op} failed: {e}"
+            self._io.put(lambda: send_error(sender, msg, "internal"))
+            return
+        t1 = time.monotonic()
+        if changed:
+            self.logger.log_info(lifecycle_line(self.name, ctl.op, t0, t1))
+        reply = ControlReply(ctl.op, self._asleep, t1 - t0, aborted)
+        arrays = output_arrays(frozenset(), reply.to_json(), None, 0.0, None, 0, 0)
+        response = make_response(arrays)
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        self._io.put(lambda: sender.send(response, flags=flags))
 
     # --- unload ---------------------------------------------------------------------------------
     def finalize(self) -> None:

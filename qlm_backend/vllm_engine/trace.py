@@ -6,20 +6,21 @@ CLOCK_MONOTONIC), when the glue sent the first response, when the request ended,
 counts. Benches and tests judge engine-side timing from them: what a
 Python client sees on a busy 2-core machine adds its own stalls (seen up to seconds).
 
-Beside them, whatever TRACE_REQUESTS says, one line per load and unload of the engine model (its
-lifecycle: initialize() from its start to the engine ready, finalize() from the unload request to
-the engine processes stopped), so that a swap shows in the engine's own log with its times.
+Beside them, whatever TRACE_REQUESTS says, one line per load, unload, sleep and wake of the engine
+model (its lifecycle: initialize() from its start to the engine ready, finalize() from the unload
+request to the engine processes stopped, a sleep or wake control request from its start to its
+reply), so that a swap shows in the engine's own log with its times.
 """
 
 from __future__ import annotations
 
 MARK = ": trace rid="
 LIFECYCLE_MARK = ": lifecycle event="
-LIFECYCLE_EVENTS = ("load", "unload")
+LIFECYCLE_EVENTS = ("load", "unload", "sleep", "wake")
 
 
 def lifecycle_line(model: str, event: str, start: float, end: float) -> str:
-    """The log line of one load or unload of engine model `model` (monotonic seconds)."""
+    """The log line of one lifecycle event of engine model `model` (monotonic seconds)."""
     if event not in LIFECYCLE_EVENTS:
         raise ValueError(f"lifecycle event must be one of {LIFECYCLE_EVENTS}, got {event!r}")
     return (
@@ -29,7 +30,7 @@ def lifecycle_line(model: str, event: str, start: float, end: float) -> str:
 
 
 def parse_lifecycle_lines(log_text: str) -> list[dict[str, str | float]]:
-    """Every load / unload line, in log order: {model, event, start, end, seconds}."""
+    """Every lifecycle line, in log order: {model, event, start, end, seconds}."""
     out: list[dict[str, str | float]] = []
     for line in log_text.splitlines():
         if LIFECYCLE_MARK not in line:

@@ -5,8 +5,9 @@ qlm-openai runs as a subprocess on a free loopback port, in its own process grou
 group. What is shown: chat and completions, streamed and not, usage equal to the tokens received;
 closing a stream (or dropping a non-streamed request) cancels the request in the router and its
 engine (the router's `cancelled` outcome and the engine's abort counter); a request the router
-sheds is a 429 with Retry-After; bad input a 400 naming the parameter; an unknown model a 404; a
-wrong API key a 401; the SLO class mapping reaches the router.
+sheds is a 429 with Retry-After; bad input a 400 naming the parameter; a request over a size cap
+is refused before the router sees it; an unknown model a 404; a wrong API key a 401; the SLO class
+mapping reaches the router.
 """
 
 from __future__ import annotations
@@ -252,6 +253,9 @@ def test_a_shed_request_is_429_with_retry_after(triton, tmp_path_factory):
         v = metric_value(metrics(triton), "qlm_requests_total", router="qlm-test", slo_class="batch-2", outcome="rejected")  # fmt: skip
         return v or 0.0
 
+    def shed_count() -> float:  # the same refusals by reason (queue_full is the other)
+        return metric_value(metrics(triton), "qlm_rejected_total", router="qlm-test", reason="shed") or 0.0  # fmt: skip
+
     log_path = tmp_path_factory.mktemp("openai-test") / "qlm-openai.log"
     with running_front(triton, log_path, "qlm-test", None) as url:
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
@@ -268,7 +272,7 @@ def test_a_shed_request_is_429_with_retry_after(triton, tmp_path_factory):
                 )
                 fillers.append(s)
                 next(iter(s))  # its first token: it runs on the instance
-            r0 = rejected()
+            r0, s0 = rejected(), shed_count()
             shed = {"x-slo-class": "batch-2", "x-ttft-slo-s": "5"}
             for stream in (False, True):
                 with pytest.raises(openai.RateLimitError) as e:
@@ -282,7 +286,7 @@ def test_a_shed_request_is_429_with_retry_after(triton, tmp_path_factory):
                 assert int(e.value.response.headers["retry-after"]) >= 1
                 assert "request shed" in e.value.body["message"]
                 assert e.value.body["code"] == "rate_limit_exceeded"
-            assert rejected() == r0 + 2
+            assert rejected() == r0 + 2 and shed_count() == s0 + 2
             # qlm-openai's own metrics (prometheus-client on /metrics): the two 429s by class and
             # model, and the fillers' times to first token.
             with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
@@ -321,6 +325,40 @@ def test_bad_input_is_400_naming_the_parameter(client, kwargs, param):
         client.chat.completions.create(**args)
     assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
     assert e.value.body["code"] is None
+
+
+def test_size_caps_refuse_before_the_router_while_a_stream_completes(client, triton):
+    """The default caps (4 MiB body, 2048 messages, a 1 MiB prompt, 16 stop strings) are refused
+    by qlm-openai itself: the router executes nothing for them, and a stream running meanwhile
+    gets every token."""
+    stream = client.chat.completions.create(
+        model="mistral-7b",
+        messages=HI,
+        max_tokens=60,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = iter(stream)
+    next(chunks)  # it runs
+    given = metric_value(metrics(triton), "nv_inference_count", model=ROUTER)
+    assert given is not None
+    big = [{"role": "user", "content": "x" * (5 << 20)}]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model="mistral-7b", messages=big, max_tokens=4)
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+    cases = [
+        ({"messages": HI * 2049}, "messages", "2049 messages"),
+        ({"messages": [{"role": "user", "content": "y" * (1 << 20)}]}, "messages", "bytes"),
+        ({"stop": ["s"] * 17}, "stop", "17 entries"),
+    ]
+    for kwargs, param, what in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**{"model": "mistral-7b", "messages": HI, "max_tokens": 4, **kwargs})  # fmt: skip
+        assert e.value.body["param"] == param and what in e.value.body["message"]
+    assert metric_value(metrics(triton), "nv_inference_count", model=ROUTER) == given
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert usage and usage[-1].completion_tokens == 60
 
 
 def test_bad_completion_prompt_is_400(client):

@@ -8,8 +8,9 @@ these share cpu-0 only because their fleet allows one model (none of them swaps 
 use one router at a time. A second engine would cost ~2.3 GB RSS and a second load.
 
 A fourth router, `swap-vllm` (policy qlm), has cpu-0 allow both tiny real models, `tiny-llama` and
-`tiny-llama-deep`: its test (test_swap_vllm.py) swaps the instance tiny-llama -> deep -> tiny-llama
-through Triton's model control API. The deep engine model is in the repository but not loaded at
+`tiny-llama-deep`: its test (test_swap_vllm.py) swaps the instance tiny-llama -> deep -> tiny-llama:
+tiny-llama is put to sleep, deep loads cold through Triton's model control API, then deep sleeps
+and tiny-llama is woken. The deep engine model is in the repository but not loaded at
 start; that test runs after the other routers' tests (file order) and leaves tiny-llama loaded.
 
 The engine is the shipped `tiny-llama__cpu-0` with test settings: max_num_seqs 2, so that a handful
@@ -139,8 +140,9 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
                         "models_allowed": ["tiny-llama", "tiny-llama-deep"],
                         "initial_model": "tiny-llama",
                         "max_in_flight": MAX_NUM_SEQS,
-                        # The real engine's swap is an unload and a cold load (as fleet-vllm.json).
-                        "warm_start": False,
+                        # Our vLLM engine starts warm by sleep and wake: the swap back wakes
+                        # the engine put to sleep by the first swap (vllm_engine/control.py).
+                        "warm_start": True,
                     }
                 ]
             },

@@ -296,7 +296,21 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
         text = "".join(b.texts)
         # No repeated text: what was produced before the eviction is not produced again.
         assert text.count(text[:80]) == 1
+    # The resume found the evicted request's blocks in vLLM's prefix cache (same tokens: prompt +
+    # text so far), and the router learnt it (its plan charges a resume what was not cached).
+    resumed = [t for t in traces if t["priority"] == 1 and t["arrival"] >= t_sent]
+    assert len(resumed) == 1, resumed
+    cached = _metric(
+        vllm_server, "qlm_resume_tokens_total", router="qlm-vllm", instance="cpu-0", kind="cached"
+    )
+    context = _metric(
+        vllm_server, "qlm_resume_tokens_total", router="qlm-vllm", instance="cpu-0", kind="context"
+    )
+    assert resumed[0]["cached_tokens"] > 0 and cached > 0, (resumed, cached, context)
     vllm_server.figures["router_eviction"] = {
+        "resume_cached_tokens": int(resumed[0]["cached_tokens"]),
+        "resume_prompt_tokens": int(resumed[0]["prompt_tokens"]),
+        "router_resume_tokens": {"context": context, "cached": cached},
         "urgent_ttft_s": round(urgent.first_token_s or -1, 3),
         # In the router's queue, then the engine's arrival to its first token (its trace).
         "urgent_ttft_engine_s": round(

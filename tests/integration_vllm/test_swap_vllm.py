@@ -1,14 +1,15 @@
-"""The qlm router swaps the CPU instance between two real vLLM engines (issue 16, item 1).
+"""The qlm router swaps the CPU instance between two real vLLM engines (issue 16, items 1-2).
 
 Router `swap-vllm` (conftest): cpu-0 may serve `tiny-llama` (loaded at start) and `tiny-llama-deep`
-(4 layers; in the repository, not loaded). Requests for both models arrive together: the plan
-serves the incumbent's, drains, and swaps (unload tiny-llama, load deep through Triton's model
-control API); requests for tiny-llama sent once that swap is under way wait behind deep's and get
-the swap back. Every request completes with exactly its tokens, on the engine of the model it
-named (the engine's trace: its request ids carry the engine model's name), the repository index
-shows the change, the router counts two cold swaps, and the engine's own log has the loads and
-unloads. The cold load times (the engine's own, and SwapModel to ready as the router saw it) go
-to results/integration_vllm.json.
+(4 layers; in the repository, not loaded), and starts warm (our engine's sleep and wake). Requests
+for both models arrive together: the plan serves the incumbent's, drains, and swaps: tiny-llama is
+put to sleep (the host keeps it warm), deep loads cold through Triton's model control API;
+requests for tiny-llama sent once that swap is under way wait behind deep's and get the swap back:
+deep sleeps, tiny-llama is woken, no load. Every request completes with exactly its tokens, on the
+engine of the model it named (the engine's trace: its request ids carry the engine model's name),
+the router counts one cold and one warm swap, a sleeping engine refuses generation with
+UNAVAILABLE, and the engine's own log has the load, sleeps and wake. The times (cold load, wake,
+SwapModel to ready as the router saw it) go to results/integration_vllm.json.
 
 Runs after test_router_vllm.py (file order, those routers' tests see the engine loaded at start)
 and before test_vllm_engine.py, and leaves tiny-llama loaded for it (a new engine: the fixture's
@@ -32,18 +33,20 @@ import tritonclient.grpc.aio as grpcaio
 from conftest import ADMIN_KEY, DEEP_ENGINE, SWAP_ROUTER, VllmServer
 from vllm_client import ENGINE
 
+from qlm_backend.router.dispatch import EngineServer
 from qlm_backend.triton.server import admin_headers
+from qlm_backend.vllm_engine.control import ControlOp, ControlReply
 from qlm_backend.vllm_engine.trace import parse_lifecycle_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from streams import TimedStream, metric_value, timed_stream  # noqa: E402
 
-# Two cold loads of a vLLM engine (24-64 s each on this 2-core VM) and their requests.
+# A cold load of a vLLM engine (24-64 s on this 2-core VM), a wake, and their requests.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(480)]
 
 TINY, DEEP = "tiny-llama", "tiny-llama-deep"
 ENGINE_OF = {TINY: ENGINE, DEEP: DEEP_ENGINE}
-SWAP_LOG = re.compile(r"cpu-0: (\S+) -> (\S+) \((cold|warm)\) in ([0-9.]+) s")
+SWAP_LOG = re.compile(r"cpu-0: (\S+) -> (\S+) \((cold|warm|woken)\) in ([0-9.]+) s")
 
 
 def fields(model: str, n_tokens: int) -> dict[str, Any]:
@@ -117,15 +120,53 @@ def _wait_for(cond: Any, timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
+def _stable(vs: VllmServer) -> bool:
+    """The server's process list is the same twice, a second apart."""
+    before = vs.server.descendants()
+    time.sleep(1.0)
+    return vs.server.descendants() == before
+
+
+def control(vs: VllmServer, engine: str, op: ControlOp) -> ControlReply:
+    """A control request to an engine, as the router sends it (the admin key included)."""
+
+    async def go() -> ControlReply:
+        srv = EngineServer(vs.grpc_url, admin_headers(ADMIN_KEY), ADMIN_KEY)
+        try:
+            return await srv.control(engine, op)
+        finally:
+            await srv.close()
+
+    return asyncio.run(go())
+
+
 def _restore(vs: VllmServer, watch: IndexWatch) -> None:
-    """Leave the server as the later tests expect it: tiny-llama loaded, deep not."""
+    """Leave the server as the later tests expect it: tiny-llama loaded and awake, deep not."""
     st = watch.states()
     if st[DEEP_ENGINE] == "READY":
         watch.client.unload_model(DEEP_ENGINE, headers=watch.headers)
+        # Triton's unload returns once it has begun: wait for the engine's processes to go, so
+        # that the process list below is only what stays (the orphan test checks each one).
+        _wait_for(lambda: watch.states()[DEEP_ENGINE] == "UNAVAILABLE", 60, "deep unloaded")
+        _wait_for(lambda: _stable(vs), 30, "deep's processes gone")
     if st[ENGINE] != "READY":
         watch.client.load_model(ENGINE, headers=watch.headers)
+    elif control(vs, ENGINE, "state").asleep:
+        control(vs, ENGINE, "wake")
     # The engine is a new process now: the orphan test (test_vllm_engine.py) checks these.
     vs.engine_pids = [p for p in vs.server.descendants() if p != vs.server.pid]
+
+
+async def _generate_directly(vs: VllmServer, engine: str) -> str | None:
+    """A generate request sent straight to an engine: its error text, None if it served."""
+    client = grpcaio.InferenceServerClient(vs.grpc_url)
+    try:
+        out = TimedStream()
+        req = {"text_input": "hi", "stream": False, "return_finish_reason": True}
+        await asyncio.wait_for(timed_stream(client, engine, req, out), timeout=60)
+        return out.error
+    finally:
+        await client.close()
 
 
 def test_router_swaps_tiny_to_deep_and_back_under_load(vllm_server: VllmServer) -> None:
@@ -160,9 +201,8 @@ def test_router_swaps_tiny_to_deep_and_back_under_load(vllm_server: VllmServer) 
                 # Both models at once: tiny-llama (running) first, then the swap to deep.
                 send(TINY, n_tiny_first)
                 send(DEEP, n_deep)
-                # Once the swap is under way, tiny-llama's requests come back: they wait behind
-                # deep's (the model loading keeps the instance while it has work) and get the
-                # swap back.
+                # Once deep serves, tiny-llama's requests come back: they wait behind deep's (the
+                # model loaded keeps the instance while it has work) and get the swap back.
                 await asyncio.to_thread(
                     _wait_for, lambda: _lso(vs, "swap_model_cold") >= cold0 + 1, 120, "the swap"
                 )
@@ -173,9 +213,11 @@ def test_router_swaps_tiny_to_deep_and_back_under_load(vllm_server: VllmServer) 
                 return streams, t_second
 
             streams, t_second = asyncio.run(scenario())
-            _wait_for(lambda: _lso(vs, "swap_model_cold") >= cold0 + 2, 120, "the swap back")
-            _wait_for(lambda: watch.changes[-1][1][ENGINE] == "READY", 60, "tiny-llama ready")
+            _wait_for(lambda: _lso(vs, "swap_model_warm") >= warm0 + 1, 120, "the swap back")
             time.sleep(0.5)  # the last trace lines are logged after the final responses
+            # Deep sleeps now (the host keeps it warm); it refuses work, clearly, until woken.
+            states = {e: control(vs, e, "state").asleep for e in (ENGINE, DEEP_ENGINE)}
+            refused = asyncio.run(_generate_directly(vs, DEEP_ENGINE))
         finally:
             _restore(vs, watch)
 
@@ -197,40 +239,54 @@ def test_router_swaps_tiny_to_deep_and_back_under_load(vllm_server: VllmServer) 
         for n in ns:
             assert served.get(n) == [ENGINE_OF[model]], (n, served)
 
-    # Two swaps, both cold (this engine has no warm start: fleet warm_start false).
-    assert _lso(vs, "swap_model_cold") - cold0 == 2
-    assert _lso(vs, "swap_model_warm") - warm0 == 0
+    # One cold swap (deep had never run), one warm: tiny-llama woken, counted only as it woke.
+    assert _lso(vs, "swap_model_cold") - cold0 == 1
+    assert _lso(vs, "swap_model_warm") - warm0 == 1
     swaps = [(a, b, kind, float(s)) for a, b, kind, s in SWAP_LOG.findall(log)]
     assert [(a, b, kind) for a, b, kind, _ in swaps] == [
         (TINY, DEEP, "cold"),
-        (DEEP, TINY, "cold"),
+        (DEEP, TINY, "woken"),
     ], swaps
+    assert states == {ENGINE: False, DEEP_ENGINE: True}, states
+    assert refused is not None and f"{DEEP_ENGINE}: model is asleep" in refused, refused
 
-    # The engines' own log: tiny-llama unloaded, deep loaded, deep unloaded, tiny-llama loaded.
+    # The engines' own log: tiny-llama asleep, deep loaded, deep asleep, tiny-llama woken; no
+    # unload of either before the test's clean-up.
     life = [e for e in parse_lifecycle_lines(log) if float(e["start"]) >= t_begin]
-    loads = [e for e in life if e["event"] == "load"]
-    unloads = [e for e in life if e["event"] == "unload"]
-    assert [e["model"] for e in loads] == [DEEP_ENGINE, ENGINE], life
-    assert [e["model"] for e in unloads] == [ENGINE, DEEP_ENGINE], life
-    deep_load, tiny_load = loads
-    # Deep's requests ran between its load and its unload; the late tiny-llama requests after the
-    # reload.
+    order = [(e["event"], e["model"]) for e in life]
+    assert order[:4] == [
+        ("sleep", ENGINE),
+        ("load", DEEP_ENGINE),
+        ("sleep", DEEP_ENGINE),
+        ("wake", ENGINE),
+    ], order
+    tiny_sleep, deep_load, deep_sleep, tiny_wake = life[:4]
+    # Deep's requests ran between its load and its sleep; the late tiny-llama ones after the wake.
     deep_runs = [t for t in traces.values() if int(t["output_tokens"]) in n_deep]
     assert all(t["arrival"] >= float(deep_load["end"]) for t in deep_runs)
-    assert all(t["finished"] <= float(unloads[1]["start"]) + 1.0 for t in deep_runs)
+    assert all(t["finished"] <= float(deep_sleep["start"]) + 1.0 for t in deep_runs)
     late = [t for t in traces.values() if int(t["output_tokens"]) in n_tiny_after]
-    assert all(t["arrival"] >= float(tiny_load["end"]) for t in late)
+    assert all(t["arrival"] >= float(tiny_wake["end"]) for t in late)
+    # The warm swap back (deep to sleep, tiny-llama woken) beat the first, cold one.
+    (_, _, _, cold_s), (_, _, _, warm_s) = swaps
+    assert warm_s < cold_s, swaps
 
-    # The repository index showed the change: deep serving while tiny-llama was not, then back.
-    states = [st for _, st in watch.changes]
-    assert any(st[DEEP_ENGINE] == "READY" and st[ENGINE] != "READY" for st in states), watch.changes
-    assert states[-1][ENGINE] == "READY" and states[-1][DEEP_ENGINE] != "READY", watch.changes
+    # The repository index: deep became READY; tiny-llama stayed READY throughout (asleep, not
+    # unloaded: Triton's index does not show sleep).
+    states_seen = [st for _, st in watch.changes]
+    assert any(st[DEEP_ENGINE] == "READY" for st in states_seen), watch.changes
+    assert all(st[ENGINE] == "READY" for st in states_seen[:-1]), watch.changes
 
     vs.figures["router_swap"] = {
         "date": time.strftime("%Y-%m-%d"),
-        # The engine's own load (initialize() start to ready) and unload (finalize()).
-        "cold_load_s": {str(e["model"]): round(float(e["seconds"]), 1) for e in loads},
-        "unload_s": {str(e["model"]): round(float(e["seconds"]), 1) for e in unloads},
+        # The engine's own load (initialize() start to ready), sleep and wake (control requests:
+        # on this CPU vLLM's worker ignores sleep, so these are the protocol's cost only).
+        "cold_load_s": {DEEP_ENGINE: round(float(deep_load["seconds"]), 1)},
+        "sleep_s": {
+            ENGINE: round(float(tiny_sleep["seconds"]), 3),
+            DEEP_ENGINE: round(float(deep_sleep["seconds"]), 3),
+        },
+        "wake_s": {ENGINE: round(float(tiny_wake["seconds"]), 3)},
         # SwapModel to ready as the router saw it (unload + load): what the estimator learns.
         "router_swap_s": [
             {"from": a, "to": b, "kind": kind, "seconds": s} for a, b, kind, s in swaps

@@ -27,6 +27,7 @@ from qlm_backend.contract import (
     ROUTER_INPUT_NAMES,
     ROUTER_INPUTS,
     ROUTER_OUTPUTS,
+    ROUTER_OWN,
     ROUTER_PASS_THROUGH,
     ROUTER_READS,
     VLLM_BACKEND_INPUTS,
@@ -148,11 +149,13 @@ def test_derived_name_lists():
         "return_logprobs",
         "return_num_input_tokens",
         "return_num_output_tokens",
+        "return_num_cached_tokens",
     )
     assert set(RETURN_FLAGS) == {f"return_{n}" for n in names(ENGINE_OUTPUTS)} - {
         "return_text_output"
     }
-    assert set(BOOL_INPUTS) <= set(ROUTER_INPUT_NAMES)
+    # The router takes vllm_backend's flags; num_cached_tokens is for the router itself.
+    assert set(BOOL_INPUTS) - set(ROUTER_INPUT_NAMES) == {"return_num_cached_tokens"}
 
 
 def test_router_pass_through_and_reads_are_engine_outputs():
@@ -160,8 +163,10 @@ def test_router_pass_through_and_reads_are_engine_outputs():
     for name in (*ROUTER_PASS_THROUGH, *ROUTER_READS):
         assert name in engine_out
         assert name in names(ROUTER_OUTPUTS)  # the router's client gets them too
-    assert sorted((*ROUTER_PASS_THROUGH, *ROUTER_READS)) == sorted(engine_out)
-    for name in ROUTER_PASS_THROUGH:  # the engine sends them only when asked
+    for name in ROUTER_OWN:  # read for the plan, not sent on
+        assert name in engine_out and name not in names(ROUTER_OUTPUTS)
+    assert sorted((*ROUTER_PASS_THROUGH, *ROUTER_READS, *ROUTER_OWN)) == sorted(engine_out)
+    for name in (*ROUTER_PASS_THROUGH, *ROUTER_OWN):  # the engine sends them only when asked
         assert f"return_{name}" in ENGINE_INPUT_NAMES
 
 

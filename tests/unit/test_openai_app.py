@@ -219,3 +219,34 @@ def test_a_client_that_leaves_cancels_the_router_stream(stream):
     assert s.cancelled
     if stream:  # the stream had begun: its first token went out before the client left
         assert sent[0]["status"] == 200 and b"w0" in b"".join(m.get("body", b"") for m in sent)
+
+
+def test_a_body_over_the_cap_is_413_before_the_router_sees_anything():
+    FakeRouter.opened = []
+    cfg = FrontConfig(FLEET, api_key="k", max_body_bytes=1000)
+    with TestClient(create_app(cfg, FakeRouter), headers={"Authorization": "Bearer k"}) as c:
+        FakeRouter.script = pieces(1)
+        big = {"model": "mistral-7b", "messages": [{"role": "user", "content": "x" * 2000}]}
+        r = c.post("/v1/chat/completions", json=big)
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "request_too_large" and "at most 1000" in err["message"]
+        raw = json.dumps(big).encode()
+        chunked = c.post(  # no Content-Length: refused once the bytes read pass the cap
+            "/v1/completions", content=(raw[i : i + 256] for i in range(0, len(raw), 256))
+        )
+        assert chunked.status_code == 413 and "over 1000" in chunked.json()["error"]["message"]
+        assert FakeRouter.opened == []
+        ok = c.post("/v1/chat/completions", json={**CHAT, "model": "mistral-7b"})
+        assert ok.status_code == 200  # the connection and the app serve on
+
+
+def test_a_full_router_queue_is_503_with_retry_after_streamed_or_not(client):
+    full = RouterError(
+        "qlm: request refused: the router's queue is full (3 requests pending, queued or in "
+        "engines; max_pending_requests is 3)"
+    )
+    for stream in (False, True):
+        r = post(client, "/v1/chat/completions", [full], stream=stream, **CHAT)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"

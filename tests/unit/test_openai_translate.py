@@ -380,3 +380,71 @@ def test_other_router_errors(message, status, http):
     e = from_router(message, status, {})
     assert e.status == http
     assert e.body()["error"]["type"] == ("server_error" if http >= 500 else "invalid_request_error")
+
+
+# --- size caps --------------------------------------------------------------------------------
+CAPPED = FrontConfig(FLEET, max_messages=3, max_prompt_bytes=64, max_tokens_limit=100, max_stop=2)
+
+
+def test_size_caps_are_400s_naming_the_parameter():
+    many = [{"role": "user", "content": "hi"}] * 4
+    assert param_of(chat, cfg=CAPPED, messages=many) == "messages"
+    assert param_of(chat, cfg=CAPPED, messages=[{"role": "user", "content": "é" * 40}]) == "messages"  # fmt: skip
+    big = {"model": "mistral-7b", "prompt": "x" * 65}
+    assert param_of(parse_completion, big, {}, CAPPED) == "prompt"
+    assert param_of(chat, cfg=CAPPED, max_tokens=101) == "max_tokens"
+    assert param_of(chat, cfg=CAPPED, max_completion_tokens=101) == "max_completion_tokens"
+    assert param_of(chat, cfg=CAPPED, stop=["a", "b", "c"]) == "stop"
+    assert param_of(chat, cfg=CAPPED, stop_token_ids=[1, 2, 3]) == "stop_token_ids"
+    with pytest.raises(OpenAIError) as e:
+        chat(cfg=CAPPED, messages=many)
+    assert e.value.message == "messages has 4 messages; this server allows at most 3"
+    with pytest.raises(OpenAIError) as e:
+        parse_completion(big, {}, CAPPED)
+    assert e.value.message == "prompt is 65 bytes; this server allows at most 64"
+
+
+def test_at_the_caps_a_request_passes_and_a_default_max_tokens_is_capped_not_refused():
+    three = [{"role": "user", "content": "hi"}] * 3
+    call = chat(cfg=CAPPED, messages=three[:1], max_tokens=100, stop=["a", "b"])
+    assert call.sampling["max_tokens"] == 100
+    assert chat(cfg=CAPPED).sampling["max_tokens"] == 100  # the rest of the context, capped
+    assert len(chat(cfg=CAPPED, messages=three).prompt.encode()) <= 64
+    # Defaults: OpenAI's 2048 messages, the router's 1 MiB prompt, 16 stop entries, 4 MiB body.
+    assert (CFG.max_messages, CFG.max_prompt_bytes, CFG.max_stop) == (2048, 1 << 20, 16)
+    assert CFG.max_body_bytes == 4 << 20 and CFG.max_tokens_limit is None
+    assert chat(messages=[{"role": "user", "content": "x"}] * 2048).prompt
+    assert param_of(chat, messages=[{"role": "user", "content": "x"}] * 2049) == "messages"
+
+
+@pytest.mark.parametrize(
+    ("field", "flag"),
+    [
+        ("max_body_bytes", "--max-body-bytes"),
+        ("max_messages", "--max-messages"),
+        ("max_prompt_bytes", "--max-prompt-bytes"),
+        ("max_tokens_limit", "--max-tokens-limit"),
+        ("max_stop", "--max-stop"),
+    ],
+)
+def test_cap_settings_must_be_positive(field, flag):
+    with pytest.raises(FrontConfigError, match=f"^{flag} must be >= 1, got 0$"):
+        FrontConfig(FLEET, **{field: 0})
+
+
+def test_a_body_nested_past_the_parser_is_a_400():
+    with pytest.raises(OpenAIError) as e:
+        parse_body(b"[" * 100_000)
+    assert e.value.status == 400 and "nested too deeply" in e.value.message
+
+
+def test_a_full_router_queue_is_503_with_retry_after_and_a_timeout_is_504():
+    full = (
+        "qlm: request refused: the router's queue is full (3 requests pending, queued or in "
+        "engines; max_pending_requests is 3)"
+    )
+    e = from_router(full, None, {}, retry_default_s=2.0)
+    assert (e.status, e.code, e.headers) == (503, "queue_full", {"Retry-After": "2"})
+    assert "max_pending_requests is 3" in e.message and e.type == "server_error"
+    e = from_router("qlm: request timed out: not finished 600 s after receipt (request_timeout_s)", None, {})  # fmt: skip
+    assert (e.status, e.code) == (504, "timeout") and "request_timeout_s" in e.message

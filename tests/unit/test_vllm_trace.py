@@ -52,4 +52,4 @@ def test_lifecycle_lines_round_trip_among_other_lines() -> None:
 
 def test_lifecycle_event_is_checked() -> None:
     with pytest.raises(ValueError, match="lifecycle event"):
-        lifecycle_line("m", "sleep", 0.0, 1.0)
+        lifecycle_line("m", "nap", 0.0, 1.0)

@@ -182,3 +182,31 @@ def test_an_instance_without_warm_start_keeps_nothing_warm() -> None:
                 ]
             }
         )
+
+
+def test_a_load_counts_as_it_really_started_not_as_planned() -> None:
+    # The plan said warm; the executor reports the engine did not wake and loaded cold.
+    qm, clock = cpu_fleet_manager(), FakeClock()
+    qm.instances["cpu-0"].loading, qm.instances["cpu-0"].model = DEEP, None
+    qm.instances["cpu-0"].loading_warm, qm.instances["cpu-0"].loaded_s = True, 0.0
+    clock.advance(40.0)
+    qm.on_model_loaded("cpu-0", DEEP, clock.now, warm=False)
+    spec = qm.instances["cpu-0"].spec
+    assert qm.estimator.measured_loads() == {(DEEP, spec.gpu, spec.tp, False): (1, 40.0)}
+
+
+def test_the_resume_hit_share_follows_what_the_engine_reports() -> None:
+    qm = cpu_fleet_manager()
+    est = qm.estimator
+    assert est.resume_hit_share("cpu-0") == 0.0  # nothing reported: a whole re-prefill
+    qm.on_resume_cached("cpu-0", 900, 1000, 1.0)
+    assert est.resume_hit_share("cpu-0") == pytest.approx(0.9)
+    assert est.resume_hit_share("other") == 0.0  # per instance
+    # Token-weighted: a long resume that missed outweighs a short one that hit.
+    qm.on_resume_cached("cpu-0", 0, 9000, 2.0)
+    assert est.resume_hit_share("cpu-0") == pytest.approx(0.95 * 900 / (0.95 * 1000 + 9000))
+    # Older reports fade: after many misses the share is near 0.
+    for _ in range(200):
+        qm.on_resume_cached("cpu-0", 0, 1000, 3.0)
+    assert est.resume_hit_share("cpu-0") < 0.001
+    assert qm.counters["resumes_reported"] == 202

@@ -54,7 +54,7 @@ def test_the_kv_cap_counts_every_class_and_admits_one_request_into_an_empty_engi
     assert _pulled(qm.plan(0.0)) == ["b0", "b1"]
 
 
-def test_the_eviction_charge_is_the_victims_whole_re_prefill() -> None:
+def test_the_eviction_charge_is_the_victims_re_prefill_less_the_reported_hits() -> None:
     from qlm_backend.core.policies.qlm import QlmPolicy
     from qlm_backend.core.request import RequestState
     from qlm_backend.engine.perf import PerfModel
@@ -63,8 +63,12 @@ def test_the_eviction_charge_is_the_victims_whole_re_prefill() -> None:
     short = RequestState(make_request("s", slo_class="batch-2", prompt_tokens=500))
     long_ = RequestState(make_request("l", slo_class="batch-2", prompt_tokens=30_000))
     long_.tokens_done = 100
-    assert QlmPolicy._resume_cost_s(short, perf) == perf.prefill_s(500)
-    assert QlmPolicy._resume_cost_s(long_, perf) == perf.prefill_s(30_100)
+    # No hit reported yet: the whole context.
+    assert QlmPolicy._resume_cost_s(short, perf, 0.0) == perf.prefill_s(500)
+    assert QlmPolicy._resume_cost_s(long_, perf, 0.0) == perf.prefill_s(30_100)
+    # Its engine kept 60% of resumed contexts: only the rest is prefilled again.
+    assert QlmPolicy._resume_cost_s(long_, perf, 0.6) == perf.prefill_s(12_040)
+    assert QlmPolicy._resume_cost_s(long_, perf, 1.0) == perf.prefill_s(1)
 
 
 def test_victims_of_one_class_go_cheapest_to_resume_first() -> None:

@@ -122,6 +122,11 @@ def test_router_config_reads_the_file_and_parameters_win(tmp_path):
         ({"engine_backend": "trt"}, "engine_backend"),
         ({"manager": {"nope": 1}}, "manager.nope"),
         ({"polcy": "qlm"}, "polcy"),
+        ({"max_pending_requests": 0}, "max_pending_requests"),
+        ({"max_pending_requests": 2.5}, "max_pending_requests"),
+        ({"request_timeout_s": 0}, "request_timeout_s"),
+        ({"request_timeout_s": "inf"}, "request_timeout_s"),
+        ({"request_timeout_s": "nan"}, "request_timeout_s"),
     ],
 )
 def test_router_config_errors_name_the_key(raw, key):
@@ -221,3 +226,23 @@ def test_a_request_naming_no_model_gets_the_default_model_or_a_clear_error() -> 
     assert r.model == "llama-2-13b"
     with pytest.raises(ContractError, match="model.*is required"):
         parse_router_request(inputs, None, **kw)
+
+
+def test_the_bound_on_pending_requests_refuses_at_the_bound_naming_it():
+    cfg = RouterConfig.from_mapping({"max_pending_requests": 3})
+    assert RouterConfig().max_pending_requests == 10_000
+    assert cfg.queue_refusal(0) is None and cfg.queue_refusal(2) is None
+    assert cfg.queue_refusal(3) == (
+        "request refused: the router's queue is full (3 requests pending, queued or in engines; "
+        "max_pending_requests is 3)"
+    )
+
+
+def test_the_wall_deadline_must_exceed_every_class_slo_in_wall_seconds():
+    classes = {"interactive": 20.0, "batch-2": 3600.0}
+    RouterConfig().check_timeout(classes)  # the default, 7200 s, leaves batch-2 its hour
+    with pytest.raises(RouterConfigError) as e:
+        RouterConfig.from_mapping({"request_timeout_s": 600}).check_timeout(classes)
+    assert e.value.key == "request_timeout_s" and "'batch-2' has 3600 wall seconds" in str(e.value)
+    # At ten times real time the hour is 360 wall seconds.
+    RouterConfig.from_mapping({"request_timeout_s": 600, "time_scale": 0.1}).check_timeout(classes)

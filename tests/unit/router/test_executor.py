@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from qlm_backend.contract import ContractError, parse_generate
-from qlm_backend.core.actions import Evict, KeepWarm, Pull, Reject, SwapModel
+from qlm_backend.core.actions import Evict, KeepWarm, Pull, Reject, Release, SwapModel
 from qlm_backend.core.api import parse_fleet
 from qlm_backend.router.executor import Chunk, Executor, Flight
-from qlm_backend.router.stream_driver import EngineError, StreamDriver, engine_fields
+from qlm_backend.router.stream_driver import EngineError, StreamDriver, WarmMode, engine_fields
+from qlm_backend.vllm_engine.control import ControlReply
 
 STEP_S = 0.002  # fake engine's time per token
 
@@ -44,7 +45,7 @@ class RecordingCore:
     def __getattr__(self, name: str) -> Callable[..., None]:
         if not name.startswith("on_"):
             raise AttributeError(name)
-        return lambda *args: self.calls.append((name, *args[:-1]))  # drop `now`
+        return lambda *args, **_: self.calls.append((name, *args[:-1]))  # drop `now`
 
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
@@ -62,6 +63,8 @@ class FakeStream:
     async def chunks(self) -> AsyncIterator[Chunk]:
         if self.model not in self.server.ready:
             raise EngineError(f"{self.model}: not found", unavailable=True)
+        if self.model in self.server.asleep:
+            raise EngineError(f"{self.model}: model is asleep", unavailable=True)
         n0 = len(self.fields["text_input"].split())
         todo = json.loads(self.fields["sampling_parameters"])["max_tokens"]
         for i in range(todo):
@@ -79,7 +82,13 @@ class FakeStream:
                 "num_input_tokens": np.array([n0], dtype=np.uint32),
                 "cumulative_logprob": np.array([-0.5 * self.produced], dtype=np.float32),
             }
-            yield Chunk(f" w{n0 + i}", 1, "length" if i == todo - 1 else None, extras)
+            # An engine that reports its prefix cache does so when asked (a resume).
+            cached = None
+            if self.fields.get("return_num_cached_tokens"):
+                cached = self.server.cached_tokens
+            yield Chunk(
+                f" w{n0 + i}", 1, "length" if i == todo - 1 else None, extras, cached_tokens=cached
+            )
 
 
 @dataclass
@@ -92,6 +101,9 @@ class FakeServer:
     # Streams stop after this many tokens until `gate` is set: a test acts at an exact point.
     gate_after: int | None = None
     gate: asyncio.Event = field(default_factory=asyncio.Event)
+    asleep: set[str] = field(default_factory=set)  # loaded engines put to sleep
+    cached_tokens: int = 0  # what its prefix cache reports to a resumed request
+    failing_wakes: set[str] = field(default_factory=set)
 
     def stream(self, model: str, fields: Mapping[str, Any], request_id: str) -> FakeStream:
         s = FakeStream(self, model, fields, request_id)
@@ -110,6 +122,17 @@ class FakeServer:
     async def unload(self, model: str) -> None:
         self.log.append(("unload", model))
         self.ready.discard(model)
+        self.asleep.discard(model)
+
+    async def control(self, model: str, op: str) -> ControlReply:
+        self.log.append((op, model))
+        if model not in self.ready:
+            raise EngineError(f"{model}: not found", unavailable=True)
+        if op == "sleep":
+            self.asleep.add(model)
+        elif op == "wake" and model not in self.failing_wakes:
+            self.asleep.discard(model)
+        return ControlReply(op, model in self.asleep)  # type: ignore[arg-type]
 
     async def is_ready(self, model: str) -> bool:
         return model in self.ready
@@ -164,7 +187,13 @@ def expected_text(prompt: str, n: int) -> str:
 class Rig:
     """Executor + stream driver + fake server on one asyncio loop, with a fake clock."""
 
-    def __init__(self, instances: int = 1, initial: str = "m-a", backend_config: bool = False):
+    def __init__(
+        self,
+        instances: int = 1,
+        initial: str = "m-a",
+        backend_config: bool = False,
+        warm_mode: WarmMode = "load",
+    ):
         self.fleet = parse_fleet(
             {
                 "instances": [
@@ -187,11 +216,14 @@ class Rig:
         self.driver = StreamDriver(
             lambda iid: self.server,
             engine,
-            lambda f, iid, prio: engine_fields(f.payload, "".join(f.text), f.tokens_done, prio),
+            lambda f, iid, prio: engine_fields(
+                f.payload, "".join(f.text), f.tokens_done, prio, ask_cached=True
+            ),
             lambda name, iid, warm: (
                 {"load_mode": "warm" if warm else "cold"} if backend_config else None
             ),
             lambda: self.now,
+            warm_mode=lambda iid: warm_mode,
             retry_s=(0.005, 0.02),
         )
         self.ex = Executor(
@@ -323,6 +355,31 @@ def test_an_evicted_request_resumes_with_its_text_and_only_the_tokens_still_owed
         assert sum(r[1] for r in client.responses) == 12
         assert ("on_finished", "r1", 12) in rig.core.calls
         assert rig.ex.flights == {} and rig.outcomes == [("r1", "attained")]
+
+    run(main())
+
+
+def test_a_resumed_request_tells_the_core_what_its_engine_still_cached() -> None:
+    async def main() -> None:
+        rig = Rig()
+        rig.server.gate_after, rig.server.cached_tokens = 4, 6
+        rig.admit("r1", max_tokens=12)  # a prompt of 4 words: 4 "tokens" for the fake
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: rig.ex.flights["r1"].tokens_done == 4)
+        rig.ex.execute(Evict("r1", "i-0"), 0.0)
+        rig.server.gate.set()
+        await rig.settle()
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: "r1" not in rig.ex.flights)
+        first, second = rig.server.streams
+        # Only the resume asks (a first dispatch has nothing to find), and it is reported once,
+        # against its context: prompt 4 + 4 tokens done.
+        assert "return_num_cached_tokens" not in first.fields
+        assert second.fields["return_num_cached_tokens"] is True
+        reported = [c for c in rig.core.calls if c[0] == "on_resume_cached"]
+        assert reported == [("on_resume_cached", "i-0", 6, 8)]
+        assert rig.ex.counters["resume_tokens"] == 8
+        assert rig.ex.counters["resume_cached_tokens"] == 6
 
     run(main())
 
@@ -511,6 +568,109 @@ def test_a_swap_is_warm_only_when_the_host_keeps_the_model_warm() -> None:
     run(main())
 
 
+M, L = "mistral-7b__i-0", "llama-2-13b__i-0"
+
+
+def test_a_sleeping_engine_swap_puts_the_outgoing_to_sleep_and_wakes_the_incoming() -> None:
+    async def main() -> None:
+        rig = Rig(warm_mode="sleep")
+        # The plan keeps the outgoing model warm (KeepWarm before SwapModel, as the core emits).
+        rig.ex.execute(KeepWarm("mistral-7b", "i-0"), 0.0)
+        rig.ex.execute(SwapModel("i-0", "mistral-7b", "llama-2-13b", warm=False), 0.0)
+        await rig.until(lambda: rig.ex.model_of["i-0"] == "llama-2-13b")
+        # llama was never loaded: its first start is a plain (cold) load; no config override.
+        assert rig.server.log == [("sleep", M), ("load", L, None), ("loaded", L)]
+        assert rig.ex.counters["swap_model_cold"] == 1
+        client = rig.admit("r1", model="llama-2-13b", max_tokens=3)
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: "r1" not in rig.ex.flights)
+        assert client.text == expected_text("tell me a story", 3)
+        # Back: llama to sleep, mistral woken (no load at all), counted warm.
+        del rig.server.log[:]
+        rig.ex.execute(KeepWarm("llama-2-13b", "i-0"), 0.0)
+        rig.ex.execute(SwapModel("i-0", "llama-2-13b", "mistral-7b", warm=True), 0.0)
+        await rig.until(lambda: rig.ex.model_of["i-0"] == "mistral-7b")
+        assert rig.server.log == [("sleep", L), ("wake", M)]
+        assert rig.ex.counters["swap_model_warm"] == 1
+        assert rig.ex.counters["swap_model_cold"] == 1
+        assert rig.server.asleep == {L} and rig.driver.asleep == {("i-0", "llama-2-13b")}
+        # Counted as what happened, also in the core's measured load costs.
+        loaded = [c for c in rig.core.calls if c[0] == "on_model_loaded"]
+        assert loaded == [
+            ("on_model_loaded", "i-0", "llama-2-13b"),
+            ("on_model_loaded", "i-0", "mistral-7b"),
+        ]
+
+    run(main())
+
+
+def test_an_engine_that_does_not_wake_is_loaded_cold_and_counted_cold() -> None:
+    async def main() -> None:
+        rig = Rig(warm_mode="sleep")
+        rig.ex.execute(KeepWarm("mistral-7b", "i-0"), 0.0)
+        rig.ex.execute(SwapModel("i-0", "mistral-7b", "llama-2-13b", warm=False), 0.0)
+        await rig.until(lambda: rig.ex.model_of["i-0"] == "llama-2-13b")
+        rig.server.ready.discard(M)  # the sleeping engine died meanwhile
+        del rig.server.log[:]
+        rig.ex.execute(SwapModel("i-0", "llama-2-13b", "mistral-7b", warm=True), 0.0)
+        await rig.until(lambda: rig.ex.model_of["i-0"] == "mistral-7b")
+        # Not kept warm this time (no KeepWarm): llama is unloaded; mistral's wake fails: a load.
+        assert rig.server.log == [("unload", L), ("wake", M), ("load", M, None), ("loaded", M)]
+        assert rig.ex.counters["swap_model_warm"] == 0
+        assert rig.ex.counters["swap_model_cold"] == 2
+
+    run(main())
+
+
+def test_release_unloads_the_sleeping_engine_of_that_model_only() -> None:
+    async def main() -> None:
+        rig = Rig(warm_mode="sleep")
+        rig.ex.execute(KeepWarm("mistral-7b", "i-0"), 0.0)
+        rig.ex.execute(SwapModel("i-0", "mistral-7b", "llama-2-13b", warm=False), 0.0)
+        await rig.until(lambda: rig.ex.model_of["i-0"] == "llama-2-13b")
+        del rig.server.log[:]
+        rig.ex.execute(Release("llama-2-13b", "i-0"), 0.0)  # the serving model: left alone
+        rig.ex.execute(Release("mistral-7b", "i-0"), 0.0)
+        await rig.until(lambda: rig.server.log == [("unload", M)])
+        await rig.settle()
+        assert rig.server.log == [("unload", M)] and not rig.driver.asleep
+        assert rig.server.ready == {L}
+
+    run(main())
+
+
+def test_recovery_wakes_an_engine_that_is_ready_but_asleep() -> None:
+    async def main() -> None:
+        rig = Rig(warm_mode="sleep")
+        # Left asleep by an earlier router: Triton's index says READY, the engine refuses work.
+        rig.server.asleep.add(M)
+        client = rig.admit("r1", max_tokens=3)
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: "on_engine_failed" in rig.core.names())
+        await rig.until(lambda: rig.ex.model_of["i-0"] == "mistral-7b")
+        assert ("wake", M) in rig.server.log and not rig.server.asleep
+        assert not [e for e in rig.server.log if e[0] == "load"]  # no cold reload needed
+        assert rig.ex.counters["swap_model_warm"] == rig.ex.counters["swap_model_cold"] == 0
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: "r1" not in rig.ex.flights)
+        assert client.text == expected_text("tell me a story", 3)
+
+    run(main())
+
+
+def test_an_engine_without_warm_start_swaps_cold_whatever_the_plan_says() -> None:
+    async def main() -> None:
+        rig = Rig(warm_mode="none")
+        rig.ex.execute(KeepWarm("llama-2-13b", "i-0"), 0.0)  # the host claims it keeps it
+        rig.ex.execute(SwapModel("i-0", "mistral-7b", "llama-2-13b", warm=True), 0.0)
+        await rig.until(lambda: rig.ex.model_of["i-0"] == "llama-2-13b")
+        assert rig.server.log == [("unload", M), ("load", L, None), ("loaded", L)]
+        assert rig.ex.counters["swap_model_cold"] == 1
+        assert rig.ex.counters["swap_model_warm"] == 0
+
+    run(main())
+
+
 def test_a_failed_swap_load_fails_the_instance_and_recovery_retries_until_it_loads() -> None:
     async def main() -> None:
         rig = Rig()
@@ -584,5 +744,69 @@ def test_a_resumed_request_reports_its_first_prompt_count_and_a_running_logprob_
         # The second engine saw 4 + 5 words of prompt and 7 tokens; the client sees the request's.
         assert int(f.extras["num_input_tokens"][0]) == 4
         assert float(f.extras["cumulative_logprob"][0]) == pytest.approx(-0.5 * 12)
+
+    run(main())
+
+
+# ------------------------------------------------------------------ the wall deadline
+def test_a_request_no_engine_answers_fails_at_its_wall_deadline_and_its_stream_stops() -> None:
+    async def main() -> None:
+        rig = Rig()
+        rig.ex.request_timeout_s = 5.0  # core seconds after arrival
+        rig.server.gate_after = 0  # the engine takes the request and never answers
+        client = rig.admit("r1", max_tokens=4)
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: bool(rig.server.streams))
+        rig.ex.step(4.9)
+        assert "r1" in rig.ex.flights and not client.errors
+        rig.ex.step(5.0)
+        assert client.errors == [("request timed out", "unavailable")]
+        assert rig.outcomes == [("r1", "failed")] and not rig.ex.flights
+        assert rig.ex.counters["timed_out"] == 1 and rig.ex.counters["failed"] == 1
+        assert ("on_cancelled", "r1") in rig.core.calls  # the core forgets it
+        assert rig.server.streams[0].cancelled  # its engine request is stopped
+        rig.server.gate.set()
+        await rig.settle(10)
+        assert not client.responses and rig.server.streams[0].produced == 0
+
+    run(main())
+
+
+def test_the_deadline_ends_queued_requests_and_leaves_finished_and_later_ones_alone() -> None:
+    async def main() -> None:
+        rig = Rig()
+        rig.ex.request_timeout_s = 5.0
+        rig.ex.timeout_message = "qlm: request timed out: not finished 5 s after receipt"
+        queued = rig.admit("q1")  # never pulled
+        done = rig.admit("d1", max_tokens=3)
+        rig.ex.execute(pull("d1"), 0.0)
+        await rig.until(lambda: "d1" not in rig.ex.flights)
+        rig.now = 3.0
+        later = rig.admit("l1", max_tokens=3)  # its deadline is 8.0
+        rig.ex.step(6.0)
+        assert queued.errors == [("qlm: request timed out: not finished 5 s after receipt", "unavailable")]  # fmt: skip
+        assert not done.errors and done.responses[-1][3]
+        assert "l1" in rig.ex.flights and not later.errors
+        rig.ex.execute(pull("l1"), 6.0)
+        await rig.until(lambda: "l1" not in rig.ex.flights)
+        assert later.text == expected_text("tell me a story", 3) and not later.errors
+        rig.ex.step(100.0)  # the finished ones' entries expire with nothing to end
+        assert sorted(rig.outcomes) == [("d1", "attained"), ("l1", "attained"), ("q1", "failed")]
+        assert rig.ex.counters["timed_out"] == 1 and not rig.ex._expiry
+
+    run(main())
+
+
+def test_without_a_timeout_nothing_expires_and_ended_entries_do_not_pile_up() -> None:
+    async def main() -> None:
+        rig = Rig()  # request_timeout_s None: the simulator's executor
+        rig.admit("r1")
+        rig.ex.step(1e12)
+        assert "r1" in rig.ex.flights and not rig.ex._expiry
+        rig.ex.request_timeout_s = 1e9
+        for i in range(5000):  # admitted and cancelled: their entries are compacted away
+            rig.admit(f"c{i}")
+            rig.ex.cancel(f"c{i}", 0.0)
+        assert len(rig.ex._expiry) <= 2 * len(rig.ex.flights) + 1025
 
     run(main())

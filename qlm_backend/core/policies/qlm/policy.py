@@ -147,6 +147,7 @@ class QlmPolicy:
         est = ctx.estimator
         prof = est.profile(inst.model, inst.spec)  # type: ignore[arg-type]
         perf = est.perf(inst.model, inst.spec)  # type: ignore[arg-type]
+        hit_share = est.resume_hit_share(inst.spec.instance_id)
         load = EngineLoad(inst, ctx, now, self.traits.engine_scheduling == "priority")
         work = self.traits.pull_bound == "work"
         room = max(0, inst.spec.max_in_flight - len(inst.in_flight))
@@ -183,7 +184,7 @@ class QlmPolicy:
             for st in waiting:
                 while cands and not (room > 0 and (not work or load.fits(st))):
                     v = cands.pop(0)
-                    cost_s = self._resume_cost_s(v, perf)
+                    cost_s = self._resume_cost_s(v, perf, hit_share)
                     capacity_loss = w_marginal * cost_s / max(per_request_s, 1e-6)
                     if max(self._delay_loss(ctx, behind, cost_s, now), capacity_loss) >= w_gain:
                         cands = []  # cheapest first: the rest cost more
@@ -216,14 +217,16 @@ class QlmPolicy:
         return min(ws) if ws else ctx.classes[beneficiary.req.slo_class].weight
 
     @staticmethod
-    def _resume_cost_s(victim: RequestState, perf: PerfModel | None) -> float:
-        """Engine seconds the victim's resume re-prefills: its whole context. The prefix cache
-        keeps a freed request's blocks only until they are handed out again, and an eviction is
-        made precisely because the engine needs them: qlm-eval on a long-prompt trace found 0% of
-        resumed requests' context still cached when they were pulled again (docs/scheduling.md)."""
+    def _resume_cost_s(victim: RequestState, perf: PerfModel | None, hit_share: float) -> float:
+        """Engine seconds the victim's resume re-prefills: its context less what the engine's
+        prefix cache still holds, at the hit share its engine reported for earlier resumes (0
+        until one is reported: the prefix cache keeps a freed request's blocks only until they are
+        handed out again, and an eviction is made precisely because the engine needs them;
+        qlm-eval on a long-prompt trace found 0% still cached, docs/scheduling.md)."""
         if perf is None:
             return 0.0
-        return perf.prefill_s(max(1, victim.req.prompt_tokens + victim.tokens_done))
+        context = max(1, victim.req.prompt_tokens + victim.tokens_done)
+        return perf.prefill_s(max(1, round(context * (1.0 - hit_share))))
 
     @staticmethod
     def _delay_loss(
