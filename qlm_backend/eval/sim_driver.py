@@ -25,7 +25,8 @@ from qlm_backend.engine.perf import PerfModel
 from qlm_backend.engine.sim import EngineRequest
 from qlm_backend.eval.resumable import ResumableEngine
 from qlm_backend.eval.scenario import WorkloadRequest
-from qlm_backend.router.executor import Chunk, Executor, Flight, StopKind
+from qlm_backend.router.executor import Executor
+from qlm_backend.router.flight import Chunk, Flight, StopKind
 
 
 @dataclass(frozen=True)

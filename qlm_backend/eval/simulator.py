@@ -33,7 +33,8 @@ from qlm_backend.eval.perturb import engine_perf
 from qlm_backend.eval.resumable import ResumableEngine
 from qlm_backend.eval.scenario import WorkloadRequest
 from qlm_backend.eval.sim_driver import Segment, SimDriver
-from qlm_backend.router.executor import ErrorKind, Executor, Flight, Outcome
+from qlm_backend.router.executor import Executor
+from qlm_backend.router.flight import ErrorKind, Flight, Outcome
 
 SimOutcome = Literal["finished", "rejected", "refused", "unfinished"]
 _SIM_OUTCOME: dict[Outcome, SimOutcome] = {

@@ -19,7 +19,7 @@ from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from qlm_backend.contract import ROUTER_PASS_THROUGH, engine_request_tensors
-from qlm_backend.router.executor import Chunk
+from qlm_backend.router.flight import Chunk
 from qlm_backend.router.stream_driver import EngineError
 from qlm_backend.vllm_engine.control import ControlOp, ControlReply, control_parameters
 

@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from qlm_backend.core.actions import (
     Action,
@@ -48,104 +47,14 @@ from qlm_backend.core.actions import (
 from qlm_backend.core.fleet import InstanceSpec
 from qlm_backend.core.manager import QueueManager
 from qlm_backend.core.request import Request
-
-Outcome = Literal["attained", "missed", "rejected", "cancelled", "failed"]
-OUTCOMES: tuple[Outcome, ...] = ("attained", "missed", "rejected", "cancelled", "failed")
-# Why a stream is stopped: the driver charges an eviction with KV swap, and only that, differently.
-StopKind = Literal["evict-recompute", "evict-swap", "cancel"]
-ErrorKind = Literal["invalid", "unavailable", "cancelled", "internal"]
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One engine response: new text and its token count; `finish_reason` on the last one."""
-
-    text: str
-    num_output_tokens: int
-    finish_reason: str | None
-    extras: Mapping[str, Any] = field(default_factory=dict)  # other outputs, passed through
-    scheduled_s: float | None = None  # virtual engines: when the engine first scheduled it
-    cached_tokens: int | None = None  # prompt tokens the engine's prefix cache held, if reported
-
-
-class ClientSink(Protocol):
-    """Where a request's responses go (a Triton response sender, a simulation record)."""
-
-    def send(
-        self, flight: Flight, text: str, num_tokens: int, reason: str | None, final: bool
-    ) -> bool:
-        """Send one response; False if the client is gone (the executor then cancels)."""
-        ...
-
-    def error(self, message: str, kind: ErrorKind) -> None: ...
-
-    def is_cancelled(self) -> bool: ...
-
-
-class Driver(Protocol):
-    """How the executor reaches engines. Calls return at once; results come back as events."""
-
-    def open(self, flight: Flight, instance_id: str, priority: int, now: float) -> None:
-        """Start `flight` (resumed at flight.tokens_done) as stream `flight.stream_id`."""
-        ...
-
-    def stop(self, flight: Flight, stream_id: str, kind: StopKind, now: float) -> None:
-        """Stop stream `stream_id` of `flight` in its engine (a no-op if it already ended)."""
-        ...
-
-    def swap(
-        self,
-        instance_id: str,
-        from_model: str | None,
-        to_model: str,
-        warm: bool,
-        keep_from: bool,
-        now: float,
-    ) -> None:
-        """Replace `from_model` by `to_model`: `warm` if its weights are in the host's memory,
-        `keep_from` if the outgoing model stays there (KeepWarm). Ends with on_loaded(..., warm=
-        what really happened) or on_load_failed."""
-        ...
-
-    def release(self, instance_id: str, model: str, now: float) -> None:
-        """The host no longer keeps `model` warm: free what this instance kept of it."""
-        ...
-
-    def recover(self, instance_id: str, model: str, now: float) -> None:
-        """Bring a failed instance back with `model` (retrying as the driver sees fit)."""
-        ...
-
-
-@dataclass(eq=False)
-class Flight:
-    """One accepted request, from admission to its outcome."""
-
-    rid: str
-    model: str
-    slo_class: str
-    arrival_s: float
-    deadline_s: float
-    prompt_tokens: int
-    max_tokens: int
-    stream: bool  # a response per chunk; else one response with the whole text at the end
-    payload: Any  # the front's request (RouterRequest, WorkloadRequest): drivers read it
-    sink: ClientSink
-    text: list[str] = field(default_factory=list)
-    tokens_done: int = 0
-    gen: int = 0
-    streaming: bool = False  # stream `stream_id` is open
-    instance: str | None = None  # of the current or last stream
-    pulled_s: float | None = None  # first Pull
-    token_pull_s: float | None = None  # the Pull that led to the first token
-    first_token_s: float | None = None
-    scheduled_s: float | None = None  # when the engine first scheduled it (where known)
-    evictions: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
-    resume_context: int = 0  # tokens the open stream resumed with, until its engine reports hits
-
-    @property
-    def stream_id(self) -> str:
-        return f"{self.rid}.{self.gen}"
+from qlm_backend.router.flight import (
+    Chunk,
+    Driver,
+    ErrorKind,
+    Flight,
+    Outcome,
+    StopKind,
+)
 
 
 def _quiet(*_: Any) -> None:
@@ -386,7 +295,7 @@ class Executor:
         f = self.flights.get(rid)
         if f is None:
             return False
-        self._cancel(f, now, message)
+        self._client_cancelled(f, now, message)
         return True
 
     def poll_cancelled(self, now: float, window: int = 64) -> None:
@@ -398,7 +307,14 @@ class Executor:
         self._cancel_cursor = start + window
         for f in running + queued[start : start + window]:
             if f.sink.is_cancelled():
-                self._cancel(f, now, "Request was cancelled")
+                self._client_cancelled(f, now, "Request was cancelled")
+
+    def _client_cancelled(self, f: Flight, now: float, message: str | None) -> None:
+        # One line per cancel, where the request was: with the engine's trace (its request id is
+        # the stream id) it tells a cancel the router lost from one a frontend lost.
+        where = f"stream {f.stream_id} on {f.instance}" if f.streaming else "queued"
+        self.log("info", f"{f.rid}: cancelled by its client ({where})")
+        self._cancel(f, now, message)
 
     def shutdown(self, now: float, message: str) -> None:
         for f in list(self.flights.values()):
@@ -469,13 +385,4 @@ class Executor:
         self.on_lso(kind, n)
 
 
-__all__ = [
-    "OUTCOMES",
-    "Chunk",
-    "ClientSink",
-    "Driver",
-    "Executor",
-    "Flight",
-    "Outcome",
-    "StopKind",
-]
+__all__ = ["Executor"]

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qlm_backend.router.executor import ClientSink, ErrorKind, Flight
+from qlm_backend.router.flight import ClientSink, ErrorKind, Flight
 
 
 @dataclass

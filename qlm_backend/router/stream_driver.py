@@ -22,7 +22,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from qlm_backend.contract import GenerateParams
-from qlm_backend.router.executor import Chunk, Executor, Flight, StopKind
+from qlm_backend.router.executor import Executor
+from qlm_backend.router.flight import Chunk, Flight, StopKind
 from qlm_backend.vllm_engine.control import ControlOp, ControlReply
 
 WarmMode = Literal["load", "sleep", "none"]
@@ -166,6 +167,7 @@ class StreamDriver:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             stream.cancel()  # reaches the engine's is_cancelled() within a step
+            self.log("info", f"stream {stream_id}: stopped ({kind})")
 
     def swap(
         self,

@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from qlm_backend.core.decisions import PlanDecision
 from qlm_backend.core.manager import QueueStat
-from qlm_backend.router.executor import Flight
+from qlm_backend.router.flight import Flight
 
 REJECT_REASONS = ("shed", "queue_full")
 PLANNER_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]

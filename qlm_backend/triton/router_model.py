@@ -22,7 +22,8 @@ from qlm_backend.engine.hardware import MODELS
 from qlm_backend.engine.tokens import count_prompt_tokens
 from qlm_backend.router.config import RouterConfig, load_router_config
 from qlm_backend.router.dispatch import EngineServer
-from qlm_backend.router.executor import Executor, Flight
+from qlm_backend.router.executor import Executor
+from qlm_backend.router.flight import Flight
 from qlm_backend.router.relay import Relay
 from qlm_backend.router.request import RouterRequest, parse_router_request
 from qlm_backend.router.stream_driver import StreamDriver, engine_fields

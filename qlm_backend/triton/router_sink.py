@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qlm_backend.contract import output_arrays
-from qlm_backend.router.executor import ErrorKind, Flight
+from qlm_backend.router.flight import ErrorKind, Flight
 from qlm_backend.router.request import RouterRequest
 from qlm_backend.triton.glue import make_response, send_error
 

@@ -89,6 +89,7 @@ class _Request:
     output_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens vLLM found in its prefix cache (num_cached_tokens)
     exact_resume: bool = False  # its prompt went in as the token ids of an aborted request
+    triton_id: str = ""  # the client's request id (the router's stream id `<rid>.<gen>`)
     resumable: Resumable | None = field(default=None, repr=False)
     first_token: float | None = None
     # vLLM's own engine-core timestamps (monotonic, same clock as time.monotonic()): when the
@@ -264,7 +265,7 @@ class VllmEngineModel:
             except Exception as e:  # noqa: BLE001 - every bad request gets its error, at once
                 send_error(sender, f"{self.name}: {e}", error_kind(e))
                 continue
-            self.loop.call(self._admit, sender, params, sampling)
+            self.loop.call(self._admit, sender, params, sampling, request.request_id())
         return None
 
     def _count_tokens(self, text: str) -> int:
@@ -289,7 +290,9 @@ class VllmEngineModel:
         except (TypeError, ValueError) as e:
             raise ContractError("sampling_parameters", str(e)) from None
 
-    def _admit(self, sender: Any, params: GenerateParams, sampling: Any) -> None:
+    def _admit(
+        self, sender: Any, params: GenerateParams, sampling: Any, triton_id: str = ""
+    ) -> None:
         if self._closing or self._asleep:
             state = (
                 "is unloading" if self._closing else "is asleep (a wake control request wakes it)"
@@ -297,6 +300,7 @@ class VllmEngineModel:
             self._io.put(lambda: send_error(sender, f"{self.name}: model {state}", "unavailable"))
             return
         req = _Request(f"{self.name}-{uuid.uuid4().hex}", sender, params, time.monotonic())
+        req.triton_id = triton_id
         req.last_poll = req.arrival
         self._active[req.rid] = req
         self._waiting += 1
@@ -439,7 +443,7 @@ class VllmEngineModel:
             f"finished={time.monotonic():.4f} "
             f"prompt_tokens={req.prompt_tokens} output_tokens={req.output_tokens} "
             f"cached_tokens={req.cached_tokens} exact_resume={int(req.exact_resume)} "
-            f"reason={reason}"
+            f"reason={reason} triton_id={req.triton_id or '-'}"
         )
         log = self.logger.log_info
         self._io.put(lambda: log(line))

@@ -48,20 +48,36 @@ def parse_lifecycle_lines(log_text: str) -> list[dict[str, str | float]]:
     return out
 
 
-def parse_trace_lines(log_text: str) -> dict[str, dict[str, float]]:
-    """rid -> {arrival, queued, scheduled, engine_first_token, engine_last_token, glue_first_token,
-    first_sent, finished,
-    prompt_tokens, output_tokens, priority} (floats; `reason` dropped)."""
-    out: dict[str, dict[str, float]] = {}
+TEXT_FIELDS = ("reason", "triton_id")
+
+
+def _trace_fields(log_text: str) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
     for line in log_text.splitlines():
         if MARK not in line:
             continue
         body = line.split(": trace ", 1)[1].rstrip('"')
         kv = dict(f.split("=", 1) for f in body.split() if "=" in f)
-        rid = kv.pop("rid")
-        kv.pop("reason", None)
-        out[rid] = {k: float(v) for k, v in kv.items()}
+        out[kv.pop("rid")] = kv
     return out
 
 
-__all__ = ["lifecycle_line", "parse_lifecycle_lines", "parse_trace_lines"]
+def parse_trace_lines(log_text: str) -> dict[str, dict[str, float]]:
+    """rid -> {arrival, queued, scheduled, engine_first_token, engine_last_token, glue_first_token,
+    first_sent, finished, prompt_tokens, output_tokens, cached_tokens, exact_resume, priority}
+    (floats; the text fields are in parse_trace_text)."""
+    return {
+        rid: {k: float(v) for k, v in kv.items() if k not in TEXT_FIELDS}
+        for rid, kv in _trace_fields(log_text).items()
+    }
+
+
+def parse_trace_text(log_text: str) -> dict[str, dict[str, str]]:
+    """rid -> {reason (why it ended: stop, length, abort, error), triton_id (the client's
+    request id; the router's stream id `<rid>.<gen>`)}."""
+    return {
+        rid: {k: kv.get(k, "") for k in TEXT_FIELDS} for rid, kv in _trace_fields(log_text).items()
+    }
+
+
+__all__ = ["lifecycle_line", "parse_lifecycle_lines", "parse_trace_lines", "parse_trace_text"]

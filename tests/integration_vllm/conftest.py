@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tries import assert_session_bounds, session_shares
 from vllm_client import ENGINE
 
 from qlm_backend.triton.repository import write_router
@@ -199,8 +200,12 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
         yield vs
     finally:
         server.stop()
+        shares = vs.figures["tries_summary"] = session_shares(vs.figures)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(vs.figures, indent=2) + "\n")
+        print(f"\nreal-vLLM tries: {shares}")
+    # Every repeated try was recorded with its cause (tries.py): the session's bounds on them.
+    assert_session_bounds(shares)
     # The routers unload cleanly (the engine's stub is killed on purpose by the last test): a
     # stub crashing at exit would print this (it did while metric families outlived finalize()).
     assert "Segfault encountered" not in log.read_text(errors="replace")

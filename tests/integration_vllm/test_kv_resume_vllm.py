@@ -25,11 +25,13 @@ from typing import Any
 
 import pytest
 from conftest import ADMIN_KEY, VllmServer
+from tries import Tries
 from vllm_client import Stream, generate, make_inputs
 
 from qlm_backend.engine.hardware import KV_BLOCK_TOKENS
 from qlm_backend.engine.perf import PerfModel
 from qlm_backend.engine.sim import EngineRequest, SimEngine
+from qlm_backend.vllm_engine.trace import parse_trace_text
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
@@ -113,20 +115,17 @@ def _model_prediction(prompt_tokens: int, produced: int) -> int:
     return eng.cached_tokens("r")
 
 
-def test_a_resume_after_an_abort_hits_the_prefix_cache_and_one_after_a_reset_does_not(
-    vllm_server: VllmServer,
-) -> None:
-    vs = vllm_server
-    _wait_idle(vs)
-    prompt = _prompt()
-    # The request that will be evicted: it streams until PRODUCED tokens are out, then its client
-    # cancels (the engine aborts it, as an eviction's stream cancel does).
+def _stream_then_cancel(vs: VllmServer, prompt: str) -> tuple[list[str], int, Any]:
+    """The request that will be evicted: it streams until PRODUCED tokens are out, then its client
+    cancels (the engine aborts it, as an eviction's stream cancel does). Returns its text, tokens
+    received and the try's cause (judged when the engine's trace says it was aborted)."""
+    sent = time.monotonic()
     first = Stream(
         vs.grpc_url,
         make_inputs(
             prompt,
             True,
-            {"max_tokens": 2000, "ignore_eos": True},
+            {"max_tokens": 6000, "ignore_eos": True},
             exclude_input_in_output=True,
             return_num_output_tokens=True,
         ),
@@ -139,9 +138,36 @@ def test_a_resume_after_an_abort_hits_the_prefix_cache_and_one_after_a_reset_doe
         assert not isinstance(r, str), r
         texts.append(r.outputs["text_output"][0].decode("utf-8", "replace"))
         produced += int(r.outputs["num_output_tokens"].reshape(-1)[0])
+    cancelled = time.monotonic()
     first.cancel()
     first.close()
-    _wait_idle(vs)
+    _wait_idle(vs, timeout_s=60)
+    time.sleep(0.3)  # the trace line is logged after the request ends
+    log = vs.log_path.read_text(errors="replace")
+    mine = {r: t for r, t in vs.traces().items() if t["arrival"] >= sent}
+    assert len(mine) == 1, mine
+    [(rid, t)] = mine.items()
+    if parse_trace_text(log)[rid]["reason"] == "abort":
+        return texts, produced, "judged"
+    if cancelled >= t["finished"]:
+        return texts, produced, "client_stall"
+    told = f"request {rid} cancelled by the client" in log
+    return texts, produced, "engine_fault" if told else "frontend_lost_cancel"
+
+
+def test_a_resume_after_an_abort_hits_the_prefix_cache_and_one_after_a_reset_does_not(
+    vllm_server: VllmServer,
+) -> None:
+    vs = vllm_server
+    prompt = _prompt()
+    # A try is judged when the engine aborted the first request: a cancel that came after its
+    # end (this client stalled) or never reached it leaves nothing to resume from (tries.py).
+    tries = Tries("kv_resume_abort", max_tries=3, cancels=True)
+    while tries.more():
+        _wait_idle(vs)
+        texts, produced, cause = _stream_then_cancel(vs, prompt)
+        tries.add(cause, produced=produced)
+    tries.done(vs.figures)
     resumed_prompt = prompt + "".join(texts)
 
     hit = _resume(vs, resumed_prompt)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -21,9 +22,11 @@ from typing import Any
 import pytest
 import tritonclient.grpc.aio as grpcaio
 from conftest import MAX_NUM_SEQS, VllmServer
+from tries import Tries
 from vllm_client import ENGINE
 
 from qlm_backend.core.config import ManagerConfig
+from qlm_backend.vllm_engine.trace import parse_trace_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from streams import TimedStream, metric_value, timed_stream  # noqa: E402
@@ -157,12 +160,15 @@ def test_interactive_behind_a_batch_burst_is_served_sooner_under_qlm(
         # arrived: the engine's seats full and at least one batch request waiting (in the engine,
         # or in the qlm router's queue). On this shared 2-core machine the client was seen to stall
         # for seconds, so that the burst had drained before the interactive request got there
-        # (fcfs then gave it a free seat at once); such a run is repeated, never judged.
-        for attempt in range(1, 5):
+        # (fcfs then gave it a free seat at once); such a run is recorded and repeated, never
+        # judged (tries.py bounds how often).
+        tries = Tries(f"router_burst_{router}", max_tries=4)
+        while tries.more():
             run = _one_burst_run(vllm_server, router, n_batch, batch_tokens)
-            run["attempts"] = attempt
-            if run["burst_ahead"] >= MAX_NUM_SEQS + 1:
-                break
+            run["attempts"] = len(tries.records) + 1
+            ahead = run["burst_ahead"]
+            tries.add("judged" if ahead >= MAX_NUM_SEQS + 1 else "precondition", burst_ahead=ahead)
+        tries.done(vllm_server.figures)
         runs[router] = run
     vllm_server.figures["router_burst"] = runs
     print(f"\nrouter over vLLM, interactive behind {n_batch} x {batch_tokens}: {runs}")
@@ -229,11 +235,13 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
         return urgent, batch, t_begin, t_sent
 
     tries: list[dict[str, Any]] = []
+    record = Tries("router_eviction", max_tries=4)
     # The router evicts on an instance at most once per cooldown: a try right after one that
     # evicted (not judged) would see none.
     cooldown_s = ManagerConfig().qlm_evict_cooldown_s or ManagerConfig().evict_cooldown_s
     last_eviction = -math.inf
-    for attempt in range(1, 5):
+    while record.more():
+        attempt = len(record.records) + 1
         asyncio.run(_wait_engine_idle(vllm_server))
         time.sleep(max(0.0, last_eviction + cooldown_s + 0.5 - time.monotonic()))
         ev0, ab0 = evictions(), _engine_aborts(vllm_server)
@@ -278,8 +286,16 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
             t["engine_first_token"] < t_router for t in originals
         )
         if (evicted and cut_short) or (not evicted and both_running and t_router < first_end - 0.3):
-            break
-        print(f"\nattempt {attempt} not judged (no running batch to evict): {tries[-1]}")
+            record.add("judged", **tries[-1])
+        elif evicted:
+            # The router evicted a request the engine had already finished: it was behind on
+            # that stream's responses (this machine stalled it), nothing was left to stop.
+            record.add("client_stall", **tries[-1])
+        elif not both_running:
+            record.add("precondition", why="a batch request had no first token yet", **tries[-1])
+        else:
+            record.add("client_stall", why="the batch ended before the urgent one", **tries[-1])
+    record.done(vllm_server.figures)
     assert evictions() >= ev0 + 1, (tries, [(b.tokens, b.error) for b in batch])
     # The eviction stopped the engine's work: one batch request cut short there, and vLLM counts
     # the abort (once its step publishes).
@@ -327,6 +343,27 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
     print(f"\nrouter over vLLM, eviction: {vllm_server.figures['router_eviction']}")
 
 
+def _lost_cancel_causes(vs: VllmServer, log_from: int, ran_out: list[str]) -> list[tuple[str, str]]:
+    """For each engine request that ran all its tokens although its client cancelled: (cause,
+    evidence), from the server's log since `log_from`."""
+    log = vs.log_path.read_text(errors="replace")[log_from:]
+    ids = parse_trace_text(log)
+    stopped = set(re.findall(r"qlm-vllm: stream (\S+): stopped \(cancel\)", log))
+    seen = set(re.findall(r"qlm-vllm: (q\d+): cancelled by its client", log))
+    out = []
+    for rid in ran_out:
+        sid = ids.get(rid, {}).get("triton_id", "")
+        told = f"request {rid} cancelled by the client" in log
+        if sid in stopped:
+            cause = "engine_fault" if told else "frontend_lost_cancel"
+            out.append((cause, f"{sid}: the router stopped it; engine told: {told}"))
+        elif sid.split(".")[0] in seen:
+            out.append(("router_fault", f"{sid}: the router saw the cancel, kept the stream"))
+        else:
+            out.append(("frontend_lost_cancel", f"{sid}: the router was never told"))
+    return out
+
+
 def _all_in(vs: VllmServer, queued: int, timeout_s: float = 30) -> bool:
     """True once the engine runs MAX_NUM_SEQS requests and the qlm router queues `queued` batch-2
     ones (its gauge is pushed every metrics interval)."""
@@ -358,8 +395,12 @@ def test_cancel_while_queued_and_while_streaming(vllm_server: VllmServer) -> Non
     ... step COMPLETE" and no "Issuing cancellation"; in 3 of 13 tries here, mostly for requests
     that had no response yet). Upstream fixed this race after 2.51 (triton-inference-server/server
     #8078, 2025). Both hops cross that frontend: this client to the router, and the router to the
-    engine. A try where either lost a cancel (a request the router finished, or an engine request
-    that ran all its tokens) is recorded and repeated, never judged."""
+    engine. Each engine request that ran all its tokens is put down to a cause from the logs (the
+    router logs each client cancel it sees and each engine stream it stops; the engine logs each
+    cancel it is told of and the router's stream id): never seen by the router, or stopped by the
+    router but never told to the engine, is the frontend's (the try is recorded and repeated,
+    not judged); seen by the router but its stream not stopped, or told to the engine that kept
+    generating, is ours and fails the test (tries.py)."""
 
     def outcomes() -> dict[str, float]:
         return {
@@ -376,7 +417,9 @@ def test_cancel_while_queued_and_while_streaming(vllm_server: VllmServer) -> Non
     n, n_tokens = MAX_NUM_SEQS + 2, 6000  # 2 stream from the engine, 2 wait in the router
     lost: list[dict[str, int]] = []  # tries not judged, and why
     judged = False
-    for _attempt in range(5):
+    tries = Tries("router_cancel", max_tries=5, cancels=True)
+    while tries.more():
+        log_from = len(vllm_server.log_path.read_text(errors="replace"))
         asyncio.run(_wait_engine_idle(vllm_server, timeout_s=120))
         gen0 = _settled_generation_tokens(vllm_server)  # what earlier tests made, all counted
         o0, ab0 = outcomes(), _engine_aborts(vllm_server)
@@ -404,7 +447,7 @@ def test_cancel_while_queued_and_while_streaming(vllm_server: VllmServer) -> Non
 
         if not asyncio.run(scenario()):
             lost.append({"not_all_arrived_in_30_s": 1})
-            print("\ncancel try not judged: the requests never all reached the server")
+            tries.add("client_stall", why="the requests never all reached the server in 30 s")
             asyncio.run(_wait_engine_idle(vllm_server, timeout_s=120))
             continue
         # Every request ends in the router, whatever way: cancelled, or (a lost cancel) finished.
@@ -426,14 +469,22 @@ def test_cancel_while_queued_and_while_streaming(vllm_server: VllmServer) -> Non
             time.sleep(0.1)
         asyncio.run(_wait_engine_idle(vllm_server, timeout_s=60))
         time.sleep(0.3)  # trace lines are logged after each request ends
-        reached = [t for t in vllm_server.traces().values() if t["arrival"] >= t_start]
-        ran_out = sum(1 for t in reached if t["output_tokens"] >= n_tokens)
-        lost_here = {"client_to_router": int(n - delta["cancelled"]), "router_to_engine": ran_out}
+        traces = {r: t for r, t in vllm_server.traces().items() if t["arrival"] >= t_start}
+        reached = list(traces.values())
+        ran_out = [r for r, t in traces.items() if t["output_tokens"] >= n_tokens]
+        lost_here = {
+            "client_to_router": int(n - delta["cancelled"]),
+            "router_to_engine": len(ran_out),
+        }
+        causes = _lost_cancel_causes(vllm_server, log_from, ran_out)
         if not any(lost_here.values()):
             judged = True
+            tries.add("judged")
             break
         lost.append(lost_here)
-        print(f"\ncancel try lost by Triton 2.51's frontend, repeated: {lost_here}")
+        faults = [c for c in causes if c[0] != "frontend_lost_cancel"]
+        tries.add(faults[0][0] if faults else "frontend_lost_cancel", lost=lost_here, causes=causes)
+    tries.done(vllm_server.figures)
     vllm_server.figures["router_cancel_tries_not_judged"] = lost
     assert judged, f"no try had every cancel reach the router and the engine: {lost}"
     assert delta == {"cancelled": n, "attained": 0, "missed": 0, "failed": 0, "rejected": 0}

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import MAX_NUM_SEQS, VllmServer
+from tries import Tries
 from vllm_client import ALL_OUTPUTS, Stream, generate, make_inputs
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
@@ -148,9 +149,11 @@ def test_stream_without_exclude_input_is_an_error(vllm_server: VllmServer) -> No
     assert r.error is not None and "exclude_input_in_output" in r.error
 
 
-def _cancel_once(vs: VllmServer) -> tuple[float, float, dict[str, float]]:
-    """One 2,000-token stream cancelled after its first reply; returns (aborted, generated, after)."""
+def _cancel_once(vs: VllmServer) -> tuple[float, float, dict[str, float], float, float]:
+    """One 2,000-token stream cancelled after its first reply; returns (aborted, generated,
+    after, sent, cancelled): the last two are this client's clock (monotonic)."""
     before = vs.metrics()
+    sent = time.monotonic()
     s = Stream(
         vs.grpc_url,
         make_inputs(
@@ -164,6 +167,7 @@ def _cancel_once(vs: VllmServer) -> tuple[float, float, dict[str, float]]:
     )
     reply = s.next()
     assert not isinstance(reply, str), reply
+    cancelled = time.monotonic()
     s.cancel()
     s.client.close()
     # The engine stops generating for it: the abort is counted and nothing stays running. Generous
@@ -182,17 +186,36 @@ def _cancel_once(vs: VllmServer) -> tuple[float, float, dict[str, float]]:
         if after.get("vllm:num_requests_running", 1) == 0 and (aborted >= 1 or generated >= 2000):
             break
         time.sleep(0.2)
-    return aborted, generated, after
+    return aborted, generated, after, sent, cancelled
 
 
 def test_cancel_mid_stream_aborts_engine_request(vllm_server: VllmServer) -> None:
     # Under load the first reply reached this client 1-3 s after the engine sent it, by which time
     # the engine (~1,000 tokens/s for one stream) had produced all 2,000 tokens and the cancel had
-    # nothing left to stop (the trace said "length"): such a try is repeated, never judged.
-    for _ in range(3):
-        aborted, generated, after = _cancel_once(vllm_server)
+    # nothing left to stop (the trace said "length"): such a try is recorded and repeated, never
+    # judged (tries.py bounds how often).
+    tries = Tries("engine_cancel", max_tries=3, cancels=True)
+    while tries.more():
+        aborted, generated, after, sent, cancelled = _cancel_once(vllm_server)
         if generated < 2000:
-            break
+            tries.add("judged", generated=generated)
+            continue
+        # It ran to its end. The engine's trace says when: a cancel sent after that had nothing
+        # to stop (this client read its first reply late); one sent before was lost on the way.
+        time.sleep(0.3)
+        traces = {r: t for r, t in vllm_server.traces().items() if t["arrival"] >= sent}
+        finished = max((t["finished"] for t in traces.values()), default=math.inf)
+        log = vllm_server.log_path.read_text(errors="replace")
+        # The engine logs each cancel it is told of: told and still ran out is our engine's fault;
+        # never told, Triton's frontend lost it.
+        told = any(f"request {r} cancelled by the client" in log for r in traces)
+        cause = (
+            "client_stall"
+            if cancelled >= finished
+            else ("engine_fault" if told else "frontend_lost_cancel")
+        )
+        tries.add(cause, generated=generated, cancel_after_end_s=round(cancelled - finished, 3))
+    tries.done(vllm_server.figures)
     assert aborted == 1
     assert after["vllm:num_requests_running"] == 0
     assert generated < 2000  # stopped early
@@ -365,12 +388,14 @@ def test_priority_serves_urgent_request_before_queued_ones(vllm_server: VllmServ
         # On this shared machine the back-to-back sends were seen reaching the engine 1.8 s apart
         # under load, and the urgent one arriving seconds late, so that long requests finished
         # before it arrived: a run with fewer than min_queued still waiting has no real queue;
-        # it is repeated (up to 4 times), never judged.
-        for attempt in range(1, 5):
+        # it is recorded and repeated (up to 4 times), never judged (tries.py bounds how often).
+        tries = Tries(f"engine_priority_{use_priority}", max_tries=4)
+        while tries.more():
             r = _priority_run(vllm_server, use_priority, low_tokens)
-            r["attempts"] = attempt
-            if r["queued"] >= min_queued:
-                break
+            r["attempts"] = len(tries.records) + 1
+            ok = r["queued"] >= min_queued
+            tries.add("judged" if ok else "precondition", queued=r["queued"])
+        tries.done(vllm_server.figures)
         return r
 
     fcfs = run(False)

@@ -9,6 +9,7 @@ from qlm_backend.vllm_engine.trace import (
     lifecycle_line,
     parse_lifecycle_lines,
     parse_trace_lines,
+    parse_trace_text,
 )
 
 
@@ -24,7 +25,8 @@ def test_lifecycle_lines_round_trip_among_other_lines() -> None:
             _triton("tiny-llama__cpu-0: vLLM engine stopped"),
             _triton(
                 "tiny-llama-deep__cpu-0: trace rid=tiny-llama-deep__cpu-0-ab priority=2 "
-                "arrival=1.0 finished=2.0 output_tokens=8 reason=length"
+                "arrival=1.0 finished=2.0 output_tokens=8 cached_tokens=0 exact_resume=1 "
+                "reason=length triton_id=q7.2"
             ),
             _triton(lifecycle_line("tiny-llama-deep__cpu-0", "load", 103.5, 131.0)),
         ]
@@ -48,6 +50,16 @@ def test_lifecycle_lines_round_trip_among_other_lines() -> None:
     # The request trace ignores lifecycle lines and keeps the engine name in the request id.
     (rid,) = parse_trace_lines(log)
     assert rid.startswith("tiny-llama-deep__cpu-0-")
+    assert parse_trace_lines(log)[rid] == {
+        "priority": 2.0,
+        "arrival": 1.0,
+        "finished": 2.0,
+        "output_tokens": 8.0,
+        "cached_tokens": 0.0,
+        "exact_resume": 1.0,
+    }
+    # The text fields: why it ended, and the client's request id (the router's stream id).
+    assert parse_trace_text(log) == {rid: {"reason": "length", "triton_id": "q7.2"}}
 
 
 def test_lifecycle_event_is_checked() -> None:

@@ -20,7 +20,8 @@ import pytest
 from qlm_backend.contract import ContractError, parse_generate
 from qlm_backend.core.actions import Evict, KeepWarm, Pull, Reject, Release, SwapModel
 from qlm_backend.core.api import parse_fleet
-from qlm_backend.router.executor import Chunk, Executor, Flight
+from qlm_backend.router.executor import Executor
+from qlm_backend.router.flight import Chunk, Flight
 from qlm_backend.router.stream_driver import EngineError, StreamDriver, WarmMode, engine_fields
 from qlm_backend.vllm_engine.control import ControlReply
 
