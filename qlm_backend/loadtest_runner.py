@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOADTEST_DIR = ROOT / "loadtest"
+LOADTEST_DIR = Path(__file__).resolve().parent / "loadtest"  # the locustfiles ship in the package
 CLASSES = ("Interactive", "Batch1", "Batch2")
 DEFAULT_HTTP, DEFAULT_GRPC = "127.0.0.1:8000", "127.0.0.1:8001"  # qlm-serve's defaults
 

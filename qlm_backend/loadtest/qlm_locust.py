@@ -35,7 +35,7 @@ from locust import User, constant, events  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.user.task import LOCUST_STATE_STOPPING  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
 
