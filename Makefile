@@ -12,7 +12,7 @@ SOAK_ARGS ?= --minutes 30
 
 .PHONY: setup setup-vllm serve serve-vllm test test-fast lint typecheck unit integration test-vllm \
         test-slow eval loadtest soak bench-planner bench-router bench-relay bench-realtime bench-fidelity calibrate \
-        bench-overload bench-calibration eval-dev eval-report docs-images fmt clean \
+        bench-overload bench-calibration bench-cancel bench-chaos bench-openai eval-dev eval-report docs-images fmt clean \
         test-observability
 
 $(STAMP): pyproject.toml
@@ -105,9 +105,26 @@ bench-realtime: setup
 bench-overload: setup
 	$(BIN)/qlm-bench overload --out results/bench-overload.json
 
+# Cancelled streams (issue 18): where each cancel went, hop by hop, and the engine work wasted (~1 min).
+bench-cancel: setup
+	$(BIN)/qlm-bench cancel --out results/bench-cancel.json
+
+# Seeded faults under trace-shaped load over three Triton servers and both fronts (issue 18): lost
+# (must be 0), time to recover per fault, TTFT before/during/after, RSS. CHAOS_ARGS: e.g. "--seed 3".
+CHAOS_ARGS ?= --minutes 10
+bench-chaos: setup
+	$(BIN)/qlm-bench chaos --out results/bench-chaos.json $(CHAOS_ARGS)
+
 # The estimator's forecast error, truth = prior and perturbed, with and without recalibration (~2 min).
 bench-calibration: setup
 	$(BIN)/qlm-bench calibration --out results/bench-calibration.json
+
+# vLLM's own benchmark client (`vllm bench serve`, from the real-vLLM venv, local tokenizer) against
+# qlm-openai, a qlm and a fcfs router at once (~3 min): the tool's TTFT, ITL and goodput per class,
+# a table from its JSON, the qlm/fcfs ratios last. BENCH_OPENAI_ARGS: e.g. "--duration-s 30".
+BENCH_OPENAI_ARGS ?=
+bench-openai: setup setup-vllm
+	$(BIN)/qlm-bench openai --vllm-venv $(VLLM_VENV) --out results/bench-openai.json $(BENCH_OPENAI_ARGS)
 
 # ~20 min each: they replay trace slices through the real vLLM engine at three loads.
 bench-fidelity: setup setup-vllm

@@ -226,7 +226,7 @@ def draw_architecture(out: Path) -> Path:
         1.0,
         "other Triton servers (instance_servers)",
         ("mistral-7b__h100-0  ...", "llama-3-70b__h100x4-0  (TP4)"),
-        'backend "vllm" on GPU hosts',
+        "our vLLM engine on GPU hosts",
     )
     _text(
         ax, 21.8, 5.75, "<model>__<instance>: one engine model per\nmodel an instance may run", 7.5

@@ -14,6 +14,9 @@ BENCHES = {
     "overload": "qlm_backend.bench.overload",  # 10x burst: completed / shed / lost per class
     "soak": "qlm_backend.bench.soak",  # long trace-shaped load: lost requests, TTFT over time, RSS
     "calibration": "qlm_backend.bench.calibration",  # estimator's error, with/without recalibration
+    "cancel": "qlm_backend.bench.cancel",  # cancelled streams: where each cancel went, work wasted
+    "chaos": "qlm_backend.bench.chaos",  # seeded faults under trace-shaped load: lost, recovery
+    "openai": "qlm_backend.bench.openai_bench",  # vllm bench serve vs qlm-openai: qlm vs fcfs
 }
 
 

@@ -125,7 +125,12 @@ def from_router(
         )
     if "request timed out" in message:
         return OpenAIError(504, message, None, "timeout")
-    if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "INCOMPLETE") or "unloading" in message:
+    # Triton's words while the router model is unloaded (qlm-serve's supervisor reloading it, an
+    # operator's reload) or its stub is dead: the router is down, not the request wrong.
+    down = ("unloading", "has no available versions", "is not healthy")
+    if status in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "INCOMPLETE") or any(
+        d in message for d in down
+    ):
         return OpenAIError(503, f"the router is unavailable: {message}", code="service_unavailable")
     m = _FIELD_RE.match(message)
     if m and m.group(1) in ROUTER_FIELDS:

@@ -42,11 +42,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from qlm_backend.core.config import ManagerConfig
+from qlm_backend.core.fleet import FleetConfig
 from qlm_backend.core.policies import validate_policy_name
 from qlm_backend.router.stream_driver import WarmMode
 from qlm_backend.settings import coerce, read_settings
@@ -153,7 +154,21 @@ class RouterConfig:
             return self.local_url()
         return url.removeprefix("grpc://")
 
-    def manager_config(self) -> ManagerConfig:
+    def planning_fleet(self, fleet: FleetConfig) -> FleetConfig:
+        """The fleet as the planner must see it: an instance whose engine cannot start a model warm
+        (`warm_mode` "none": Triton's stock vllm_backend, or the fleet's `warm_start: false`) is
+        planned with warm_start false, so no swap there is priced warm and nothing is kept warm
+        for it; the others are as the fleet says."""
+        specs = tuple(
+            replace(i, warm_start=False)
+            if i.warm_start and self.warm_mode(i.instance_id, i.warm_start) == "none"
+            else i
+            for i in fleet.instances
+        )
+        return replace(fleet, instances=specs)
+
+    def manager_config(self, fleet: FleetConfig | None = None) -> ManagerConfig:
+        """The core's settings: `manager` over the fleet's (its `warm_slots_per_host`)."""
         known = {f.name for f in fields(ManagerConfig)}
         bad = sorted(set(self.manager) - known)
         if bad:
@@ -162,7 +177,10 @@ class RouterConfig:
             )
         # The router carries out every Evict as an engine abort and resumes with prompt + text
         # (a recompute): Triton's engines expose no KV swap-out, so the plan says so too.
-        overrides = {"kv_swap_resume": False, **dict(self.manager)}
+        base: dict[str, Any] = {"kv_swap_resume": False}
+        if fleet is not None:
+            base["warm_slots_per_host"] = fleet.warm_slots_per_host
+        overrides = {**base, **dict(self.manager)}
         try:
             return ManagerConfig(**overrides)
         except (TypeError, ValueError) as e:

@@ -115,6 +115,8 @@ def _engine_error(error: Any, model: str) -> EngineError:
             "is not ready",
             "StatusCode.UNAVAILABLE",
             "unavailable",
+            # Its stub died (Triton 2.51 still lists it READY): queue the request elsewhere.
+            "is not healthy",
         )
     )
     return EngineError(f"{model}: {msg}", unavailable=gone)

@@ -149,6 +149,7 @@ class StreamDriver:
         self.ex: Executor | None = None
         self.closing = False
         self._streams: dict[str, EngineStream] = {}
+        self.dead_stubs: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def bind(self, ex: Executor) -> None:
@@ -213,6 +214,10 @@ class StreamDriver:
                 if ended:
                     return
         except EngineError as e:
+            if "is not healthy" in str(e):
+                # Its stub died: Triton still lists the model ready and reloads nothing
+                # (docs/triton-vllm-facts.md section 8), so recovery must reload it.
+                self.dead_stubs.add(self.engine_name(f.model, instance))
             ex.on_stream_error(sid, str(e), e.unavailable, self.clock())
         except asyncio.CancelledError:
             raise
@@ -300,7 +305,17 @@ class StreamDriver:
             await asyncio.sleep(delay)
             client = self.client_for(instance)
             try:
-                if not await client.is_ready(name):
+                if name in self.dead_stubs:
+                    try:
+                        await client.unload(name)
+                    except Exception as e:  # noqa: BLE001 - the load below says whether it serves
+                        self.log("warn", f"{name}: unloading the dead stub's model: {e}")
+                    self.dead_stubs.discard(name)
+                    await asyncio.wait_for(
+                        client.load(name, self.load_override(name, instance, False)),
+                        timeout=self.load_timeout_s,
+                    )
+                elif not await client.is_ready(name):
                     await asyncio.wait_for(
                         client.load(name, self.load_override(name, instance, False)),
                         timeout=self.load_timeout_s,

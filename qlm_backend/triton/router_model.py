@@ -62,7 +62,9 @@ class RouterModel:
                     f"router config key {key!r}: {value!r} is not one of {sorted(known)}"
                 )
         self.cfg.check_timeout(self.classes)
-        self.qm = QueueManager(fleet, self.cfg.policy, self.cfg.manager_config())
+        # Planned as the engines can swap (stock vllm_backend: cold only), with the fleet's warm slots.
+        fleet = self.cfg.planning_fleet(fleet)
+        self.qm = QueueManager(fleet, self.cfg.policy, self.cfg.manager_config(fleet))
         self.metrics = RouterMetrics(name, [(m, c) for m in self.models for c in self.classes])
         self._servers: dict[str, EngineServer] = {}
         self._ids, self._t0, self._closing = itertools.count(1), time.monotonic(), False

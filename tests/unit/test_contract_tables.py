@@ -82,7 +82,9 @@ def _tables_for(cfg: model_config_pb2.ModelConfig):
 def test_the_committed_repositories_have_engines_and_routers():
     assert any("__" in p.parent.name for p in COMMITTED)
     assert any(p.parent.name == "qlm" for p in COMMITTED)
-    assert {_parse(p.read_text()).backend for p in COMMITTED} == {"python", "vllm"}
+    # Every engine is ours or Triton's vllm_backend (the GPU repository's `--engine vllm` option,
+    # checked in test_generated_configs_declare_the_tables and tests/unit/test_docker.py).
+    assert {_parse(p.read_text()).backend for p in COMMITTED} <= {"python", "vllm"}
 
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.relative_to(ROOT)))
@@ -111,14 +113,18 @@ def test_committed_cpu_repository_is_what_the_writers_write(path, tmp_path):
 def test_generated_configs_declare_the_tables(tmp_path):
     router = write_router(tmp_path, {"policy": "qlm"}, name="qlm")
     engine = write_sim_engine(tmp_path, "mistral-7b", "a10-0", {"gpu": "A10"})
-    gpu_engine = _parse(deploy.vllm_config_pbtxt("mistral-7b__h100-0", 0))
+    gpu_engine = _parse(deploy.qlm_config_pbtxt("mistral-7b__h100-0", 0))
+    stock_engine = _parse(deploy.vllm_config_pbtxt("mistral-7b__h100-0", 0))
     for cfg in (
         _parse((router / "config.pbtxt").read_text()),
         _parse((engine / "config.pbtxt").read_text()),
         gpu_engine,
+        stock_engine,
     ):
         assert _io(cfg) == _table_io(*_tables_for(cfg)), cfg.name
-    assert gpu_engine.backend == "vllm"
+    assert gpu_engine.backend == "python"  # our vLLM engine model: ENGINE tables, with priority
+    assert "priority" in {i.name for i in gpu_engine.input}
+    assert stock_engine.backend == "vllm"
     # The config override a swap or recovery load carries (router/dispatch.py) is a full config.
     override = json_format.ParseDict(
         json.loads(json.dumps(engine_config_dict("mistral-7b__a10-0", {"time_scale": "1"}))),

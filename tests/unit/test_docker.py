@@ -1,9 +1,11 @@
 """What of docker/ can be checked without a Docker engine or a GPU (docker/README.md, "What is checked
 here"): the compose file, Prometheus and Grafana files parse and agree with the fleet; every dashboard
 query names a metric that is exported; every GPU engine's config.pbtxt parses into Triton's own
-ModelConfig proto and matches the vllm_backend contract, its model.json fits the fleet's GPUs; the
-router and fleet parse with the router's own parsers; the repository is what qlm_backend.deploy
-generates; the Dockerfile's base image is pinned >= 25.08 and its COPY sources exist.
+ModelConfig proto and declares the contract of its kind (our vLLM engine model: the ENGINE tables
+with `priority`; `--engine vllm`, Triton's stock vllm_backend: its own), its model.json fits the
+fleet's GPUs and passes our engine's validation as on a GPU; the router and fleet parse with the
+router's own parsers and drive each engine kind as it can be driven; the repository is what
+qlm_backend.deploy generates; the Dockerfile's base image is pinned >= 25.08 and its COPY sources exist.
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from qlm_backend import deploy
-from qlm_backend.contract import VLLM_BACKEND_INPUTS, VLLM_BACKEND_OUTPUTS
+from qlm_backend.contract import (
+    ENGINE_INPUTS,
+    ENGINE_OUTPUTS,
+    VLLM_BACKEND_INPUTS,
+    VLLM_BACKEND_OUTPUTS,
+)
 from qlm_backend.core.fleet import parse_fleet
 from qlm_backend.core.slo import DEFAULT_SLO_CLASSES
 from qlm_backend.engine import hardware as hw
 from qlm_backend.engine.perf import PerfModel, required_tp
 from qlm_backend.router.config import RouterConfig, load_router_config
 from qlm_backend.triton.repository import split_engine_name
+from qlm_backend.vllm_engine.config import EngineArgsError, check_repository, parse_engine_args
+from qlm_backend.vllm_engine.devices import check_instance_kind, cuda_visible_devices
 
 # PyYAML is only needed here; without it these tests are reported as skipped, not passed.
 yaml = pytest.importorskip("yaml", reason="PyYAML needed to parse docker/*.yml")
@@ -119,6 +128,29 @@ def test_placement_errors_name_the_problem():
         deploy.placements(parse_fleet(bad, strict=False))
 
 
+def test_placement_kv_offloading_is_optional_and_checked():
+    data, _, pl = _fleet()
+    assert all(p.kv_offloading_gib for p in pl.values())  # on in the shipped fleet
+    plain = json.loads(json.dumps(data))
+    for p in plain["placement"].values():
+        p.pop("kv_offloading_gib", None)
+    assert all(
+        p.kv_offloading_gib is None
+        for p in deploy.placements(parse_fleet(plain, strict=False)).values()
+    )
+    body = deploy.qlm_model_json("mistral-7b", 1, 32)
+    assert "kv_offloading_size" not in body and "kv_offloading_backend" not in body
+    for value in (0, -1, "8", True):
+        bad = json.loads(json.dumps(data))
+        bad["placement"]["h100-0"]["kv_offloading_gib"] = value
+        with pytest.raises(ValueError, match="h100-0.kv_offloading_gib"):
+            deploy.placements(parse_fleet(bad, strict=False))
+    bad = json.loads(json.dumps(data))
+    bad["placement"]["h100-0"]["kv_offload"] = 8
+    with pytest.raises(ValueError, match="h100-0: expected"):
+        deploy.placements(parse_fleet(bad, strict=False))
+
+
 def test_repository_holds_exactly_the_fleets_engines_and_the_router():
     _, fleet, _ = _fleet()
     dirs = {d.name for d in REPO.iterdir() if d.is_dir()}
@@ -128,49 +160,109 @@ def test_repository_holds_exactly_the_fleets_engines_and_the_router():
         assert model in hw.MODELS and instance in {i.instance_id for i in fleet.instances}
 
 
-def test_repository_is_what_the_generator_writes(tmp_path):
-    shutil.copy(REPO / "fleet.json", tmp_path / "fleet.json")
-    deploy.write_gpu_repository(tmp_path)
-    cmp = filecmp.dircmp(REPO, tmp_path, ignore=["__pycache__"])
-
+def _tree_diffs(left: Path, right: Path) -> list[str]:
     def diffs(c):
         out = [f"{c.left}/{n}" for n in c.left_only + c.right_only + c.diff_files]
         for sub in c.subdirs.values():
             out += diffs(sub)
         return out
 
+    out = diffs(filecmp.dircmp(left, right, ignore=["__pycache__"]))
     # filecmp's shallow compare trusts size+mtime; compare contents to be sure.
-    assert not diffs(cmp), "run: python -m qlm_backend.deploy docker/model_repository"
-    for f in tmp_path.rglob("*"):
-        if f.is_file():
-            assert f.read_bytes() == (REPO / f.relative_to(tmp_path)).read_bytes(), f
+    for f in right.rglob("*"):
+        if f.is_file() and "__pycache__" not in f.parts:
+            other = left / f.relative_to(right)
+            if not other.is_file() or other.read_bytes() != f.read_bytes():
+                out.append(str(other))
+    return out
 
 
-@pytest.mark.parametrize("name", sorted(d.name for d in REPO.iterdir() if "__" in d.name))
-def test_engine_config_is_a_valid_vllm_backend_config(name):
+def test_repository_is_what_the_generator_writes(tmp_path):
+    """The committed repository is the default: our vLLM engine model."""
+    shutil.copy(REPO / "fleet.json", tmp_path / "fleet.json")
+    deploy.write_gpu_repository(tmp_path)
+    assert not _tree_diffs(REPO, tmp_path), (
+        "run: python -m qlm_backend.deploy docker/model_repository"
+    )
+
+
+def test_the_generator_switches_engine_kinds_both_ways(tmp_path, capsys):
+    """`--engine vllm` writes the stock vllm_backend repository over ours and back, leaving no file
+    of the other kind behind; `--trace-requests` is ours only."""
+    shutil.copy(REPO / "fleet.json", tmp_path / "fleet.json")
+    assert deploy.main([str(tmp_path), "--engine", "vllm"]) == 0
+    assert "Triton vllm_backend" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*__*/1/model.py"))
+    assert {_pbtxt(p).backend for p in tmp_path.glob("*__*/config.pbtxt")} == {"vllm"}
+    assert deploy.main([str(tmp_path)]) == 0
+    assert not _tree_diffs(REPO, tmp_path)
+    assert deploy.main([str(tmp_path), "--trace-requests"]) == 0
+    for p in tmp_path.glob("*__*/config.pbtxt"):
+        assert _pbtxt(p).parameters["TRACE_REQUESTS"].string_value == "true"
+    with pytest.raises(SystemExit):
+        deploy.main([str(tmp_path), "--engine", "vllm", "--trace-requests"])
+    with pytest.raises(ValueError, match="engine must be one of"):
+        deploy.write_gpu_repository(tmp_path, "tgi")
+
+
+@pytest.fixture(scope="module")
+def stock_repo(tmp_path_factory) -> Path:
+    """The documented option: the same fleet on Triton's stock vllm_backend (`--engine vllm`)."""
+    d = tmp_path_factory.mktemp("stock")
+    shutil.copy(REPO / "fleet.json", d / "fleet.json")
+    deploy.write_gpu_repository(d, "vllm")
+    return d
+
+
+def _repo(engine: str, stock_repo: Path) -> Path:
+    return REPO if engine == "qlm" else stock_repo
+
+
+ENGINE_NAMES = sorted(d.name for d in REPO.iterdir() if "__" in d.name)
+
+
+def _io(cfg) -> tuple[list, list]:
+    dt = model_config_pb2.DataType.Name
+    ins = [(i.name, dt(i.data_type), list(i.dims), i.optional) for i in cfg.input]
+    outs = [(o.name, dt(o.data_type), list(o.dims)) for o in cfg.output]
+    return ins, outs
+
+
+def _table(inputs, outputs) -> tuple[list, list]:
+    return (
+        [(s.name, s.config_type, list(s.dims), s.optional) for s in inputs],
+        [(s.name, s.config_type, list(s.dims)) for s in outputs],
+    )
+
+
+@pytest.mark.parametrize("engine", deploy.ENGINES)
+@pytest.mark.parametrize("name", ENGINE_NAMES)
+def test_engine_config_is_a_valid_engine_model_config(name, engine, stock_repo):
     _, fleet, pl = _fleet()
-    cfg = _pbtxt(REPO / name / "config.pbtxt")
+    d = _repo(engine, stock_repo) / name
+    cfg = _pbtxt(d / "config.pbtxt")
     assert cfg.name == name
-    assert cfg.backend == "vllm"
     assert cfg.max_batch_size == 0
-    assert cfg.model_transaction_policy.decoupled  # vllm_backend asserts it at load
-    want_in = [(s.name, s.config_type, list(s.dims), s.optional) for s in VLLM_BACKEND_INPUTS]
-    got_in = [
-        (
-            i.name,
-            model_config_pb2.DataType.Name(i.data_type),
-            list(i.dims),
-            i.optional,
-        )
-        for i in cfg.input
-    ]
-    assert got_in == want_in
-    assert "priority" not in {i.name for i in cfg.input}  # vllm_backend has no such input
-    got_out = [
-        (o.name, model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in cfg.output
-    ]
-    assert got_out == [(s.name, s.config_type, list(s.dims)) for s in VLLM_BACKEND_OUTPUTS]
+    assert cfg.model_transaction_policy.decoupled  # both engine models refuse to load otherwise
     assert cfg.parameters["REPORT_CUSTOM_METRICS"].string_value == "true"
+    if engine == "qlm":
+        # Our engine model, Triton's Python backend with the image's system Python (vLLM there).
+        assert cfg.backend == "python"
+        assert (d / "1" / "model.py").read_text() == deploy.QLM_MODEL_PY
+        assert (
+            "from qlm_backend.vllm_engine.model import VllmEngineModel as TritonPythonModel"
+            in deploy.QLM_MODEL_PY
+        )
+        assert "EXECUTION_ENV_PATH" not in cfg.parameters
+        assert cfg.parameters["TRACE_REQUESTS"].string_value == "false"
+        assert _io(cfg) == _table(ENGINE_INPUTS, ENGINE_OUTPUTS)
+        ins, outs = {i.name for i in cfg.input}, {o.name for o in cfg.output}
+        assert {"priority", "return_num_cached_tokens"} <= ins and "num_cached_tokens" in outs
+    else:
+        assert cfg.backend == "vllm"
+        assert not (d / "1" / "model.py").exists()
+        assert _io(cfg) == _table(VLLM_BACKEND_INPUTS, VLLM_BACKEND_OUTPUTS)
+        assert "priority" not in {i.name for i in cfg.input}  # vllm_backend has no such input
 
     _, instance = split_engine_name(name)
     inst = next(i for i in fleet.instances if i.instance_id == instance)
@@ -179,22 +271,32 @@ def test_engine_config_is_a_valid_vllm_backend_config(name):
     kind = model_config_pb2.ModelInstanceGroup.Kind.Name(group.kind)
     p = pl[instance]
     if inst.tp == 1:
-        # KIND_GPU: vllm_backend sets CUDA_VISIBLE_DEVICES to this id (server-local numbering).
+        # KIND_GPU: vllm_backend, and our engine model (vllm_engine/devices.py), set
+        # CUDA_VISIBLE_DEVICES to this id (server-local numbering).
         assert kind == "KIND_GPU"
-        assert list(group.gpus) == [deploy.server_gpus(pl)[p.server].index(p.gpus[0])]
+        local = deploy.server_gpus(pl)[p.server].index(p.gpus[0])
+        assert list(group.gpus) == [local]
+        # What our engine model pins, given what Triton's Python backend tells the instance.
+        assert cuda_visible_devices("GPU", group.gpus[0], None) == str(local)
     else:
-        # Multi-GPU engines must be KIND_MODEL (vllm_backend refuses KIND_GPU with tp > 1) and take
-        # every GPU of their server.
+        # Multi-GPU engines must be KIND_MODEL (both engine models refuse KIND_GPU with tp > 1) and
+        # take every GPU of their server.
         assert kind == "KIND_MODEL" and not group.gpus
         assert deploy.server_gpus(pl)[p.server] == sorted(p.gpus)
+        assert cuda_visible_devices("MODEL", 0, None) is None
+        with pytest.raises(ValueError, match="KIND_MODEL"):
+            check_instance_kind("GPU", inst.tp)
+    check_instance_kind(kind.removeprefix("KIND_"), inst.tp)
 
 
-@pytest.mark.parametrize("name", sorted(d.name for d in REPO.iterdir() if "__" in d.name))
-def test_engine_model_json_fits_the_fleets_gpus(name):
-    _, fleet, _ = _fleet()
+@pytest.mark.parametrize("engine", deploy.ENGINES)
+@pytest.mark.parametrize("name", ENGINE_NAMES)
+def test_engine_model_json_fits_the_fleets_gpus(name, engine, stock_repo):
+    _, fleet, pl = _fleet()
     model, instance = split_engine_name(name)
     inst = next(i for i in fleet.instances if i.instance_id == instance)
-    args = json.loads((REPO / name / "1" / "model.json").read_text())
+    version_dir = _repo(engine, stock_repo) / name / "1"
+    args = json.loads((version_dir / "model.json").read_text())
     required = {
         "model",
         "tensor_parallel_size",
@@ -219,16 +321,44 @@ def test_engine_model_json_fits_the_fleets_gpus(name):
     assert args.get("max_num_seqs", 256) >= inst.max_in_flight  # late binding keeps all running
     assert args["enable_sleep_mode"] is True
     assert args["disable_log_stats"] is False  # vllm:* metrics need stat logging
+    assert args["kv_offloading_size"] == pl[instance].kv_offloading_gib
+    assert args["kv_offloading_backend"] == "native"
+    # Our engine's own validation (vllm_engine/config.py) as it runs on a GPU: the Hub id is taken
+    # as it is, the KV cache sized by gpu_memory_utilization (no CPU kv_cache_memory_bytes).
+    parsed = parse_engine_args(args, version_dir, platform="gpu")
+    assert parsed.model == deploy.HF_MODELS[model]
+    kw = parsed.engine_kwargs()
+    assert "kv_cache_memory_bytes" not in kw
+    assert kw["gpu_memory_utilization"] == args["gpu_memory_utilization"]
+    assert parsed.world_size == tp
+    assert parsed.distributed_executor_backend == ("uni" if tp == 1 else "mp")
+    with pytest.raises(EngineArgsError, match="not used on CPU") as e:
+        parse_engine_args(args, version_dir, platform="cpu")
+    assert e.value.key == "gpu_memory_utilization"
+    if engine == "qlm":
+        assert args["scheduling_policy"] == "priority"  # what the forwarded priority needs
+        assert args["enable_prefix_caching"] is True  # exact resume's prefix cache hits
+        assert args["distributed_executor_backend"] == ("uni" if tp == 1 else "mp")
+    else:
+        # The stock backend's model.json: today's keys, plus the fleet's KV offloading.
+        assert set(args) == required | {
+            "max_num_seqs",
+            "dtype",
+            "kv_offloading_size",
+            "kv_offloading_backend",
+        }
 
 
-def test_model_json_keys_are_vllm_engine_args():
-    """Every key is an AsyncEngineArgs field of a real vLLM (the CPU build in .venv-vllm, when present)."""
+def test_model_json_keys_are_vllm_engine_args(stock_repo):
+    """Every key of both kinds is an AsyncEngineArgs field of a real vLLM (the CPU build in
+    .venv-vllm, when present)."""
     py = ROOT / ".venv-vllm" / "bin" / "python"
     if not py.exists():
         pytest.skip("no .venv-vllm with vLLM installed (make vllm-venv)")
     keys = set()
-    for f in REPO.glob("*__*/1/model.json"):
-        keys |= set(json.loads(f.read_text()))
+    for repo in (REPO, stock_repo):
+        for f in repo.glob("*__*/1/model.json"):
+            keys |= set(json.loads(f.read_text()))
     code = (
         "import dataclasses, json; from vllm.engine.arg_utils import AsyncEngineArgs; "
         "print(json.dumps([f.name for f in dataclasses.fields(AsyncEngineArgs)]))"
@@ -239,6 +369,10 @@ def test_model_json_keys_are_vllm_engine_args():
     assert keys <= fields, f"not AsyncEngineArgs fields: {sorted(keys - fields)}"
 
 
+def _router_config(repo: Path) -> RouterConfig:
+    return RouterConfig.from_mapping(json.loads((repo / "qlm/1/router.json").read_text()))
+
+
 def test_router_config_parses_and_matches_the_fleet():
     _, fleet, pl = _fleet()
     cfg_pb = _pbtxt(REPO / "qlm" / "config.pbtxt")
@@ -246,29 +380,39 @@ def test_router_config_parses_and_matches_the_fleet():
     assert cfg_pb.model_transaction_policy.decoupled
     model_config = json_format.MessageToDict(cfg_pb, preserving_proto_field_name=True)
     cfg = load_router_config(model_config, REPO / "qlm" / "1")
-    assert cfg == RouterConfig.from_mapping(json.loads((REPO / "qlm/1/router.json").read_text()))
+    assert cfg == _router_config(REPO)
     assert cfg.policy == "qlm"
     assert (REPO / cfg.fleet).exists()
-    assert cfg.forward_priority is False  # vllm_backend would reject the `priority` input
     remote = {i: f"grpc://{p.server}:8001" for i, p in pl.items() if p.server != "triton"}
     assert dict(cfg.instance_servers) == remote
     assert "h100x4-0" in remote  # the TP4 instance lives on its own server
     assert cfg.load_timeout_s >= 600  # a cold 70B start takes minutes
 
 
-def test_router_loads_the_gpu_fleets_vllm_engines_without_a_config_override():
-    """The GPU deployment's router config: every engine is Triton's vLLM backend, so what the
-    router sends on a swap or recovery load is no config override (the simulated engine's would
-    replace the vLLM model's config), and the admin key header is the deployment's."""
-    raw = json.loads((REPO / "qlm/1/router.json").read_text())
-    cfg = RouterConfig.from_mapping(raw)
-    assert cfg.engine_backend == "vllm"
+@pytest.mark.parametrize("engine", deploy.ENGINES)
+def test_router_drives_each_engine_kind_as_it_can_be_driven(engine, stock_repo):
+    """Our engines: `priority` forwarded, swaps warm by sleep and wake where the fleet keeps models
+    warm. The stock vllm_backend: no priority (it has no such input), every swap planned and done
+    cold. Both: real engines, loaded with no config override (a simulated engine's would replace
+    the vLLM model's config), and the deployment's admin key header."""
+    cfg = _router_config(_repo(engine, stock_repo))
     _, fleet, _ = _fleet()
     assert fleet.instances
-    for inst in fleet.instances:
+    ours = engine == "qlm"
+    assert cfg.engine_backend == ("qlm-vllm" if ours else "vllm")
+    assert cfg.forward_priority is ours
+    assert cfg.admin_header == ADMIN_HEADER
+    planned = cfg.planning_fleet(fleet)
+    # The fleet's warm slots reach the planner (each instance is its own host: a sleeping engine
+    # wakes only on its own GPU(s); two slots keep both models of a TP1 instance).
+    assert cfg.manager_config(planned).warm_slots_per_host == fleet.warm_slots_per_host == 2
+    assert {i.host for i in fleet.instances} == {i.instance_id for i in fleet.instances}
+    for inst, plan in zip(fleet.instances, planned.instances, strict=True):
+        assert inst.warm_start is True  # the fleet file says the hardware can; the engine decides
         assert cfg.load_params(inst.instance_id, warm=True) is None
         assert cfg.load_params(inst.instance_id, warm=False) is None
-    assert cfg.admin_header == ADMIN_HEADER
+        assert cfg.warm_mode(inst.instance_id, plan.warm_start) == ("sleep" if ours else "none")
+        assert plan.warm_start is ours
 
 
 # --- compose --------------------------------------------------------------------------------------
@@ -634,6 +778,23 @@ def test_dockerfile_keeps_the_images_numpy_and_vllm():
     assert "-c /opt/qlm/image-constraints.txt" in run
     assert "pip list --format=freeze > /opt/qlm/image-constraints.txt" in run
     assert not re.search(r"pip install[^&]*\bnumpy", run)
+
+
+def test_dockerfile_checks_every_engines_model_json_against_the_images_vllm(stock_repo):
+    """The build runs our engine's model.json check over /models with the image's AsyncEngineArgs
+    (a key that vLLM lacks fails the build); here the same check passes for both engine kinds."""
+    run = " ".join(ln for ln in _dockerfile_lines() if ln.upper().startswith("RUN "))
+    assert "check_repository(pathlib.Path('/models'), fields, 'gpu')" in run
+    assert "dataclasses.fields(AsyncEngineArgs)" in run
+    # The engine model's pure modules import beside the image's vLLM.
+    for mod in ("config", "control", "devices", "resume", "trace"):
+        assert f"qlm_backend.vllm_engine.{mod}" in run
+    lines = _dockerfile_lines()
+    copy_models = lines.index("COPY docker/model_repository /models")
+    assert any("check_repository" in ln for ln in lines[copy_models:])
+    _, fleet, _ = _fleet()
+    for repo in (REPO, stock_repo):
+        assert check_repository(repo, None, "gpu") == sorted(deploy.engine_names(fleet))
 
 
 def test_env_example_names_the_secrets_compose_needs():

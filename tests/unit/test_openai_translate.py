@@ -372,6 +372,9 @@ def test_router_field_errors_name_the_request_field():
         ("failed to connect to all addresses", "UNAVAILABLE", 503),
         ("the router's stream ended without a final response", "INCOMPLETE", 503),
         ("Request for unknown model: 'qlm' is not found", "NOT_FOUND", 503),
+        # The router held unloaded by qlm-serve's supervisor, or its stub dead (stream errors).
+        ("Request for unknown model: 'qlm' has no available versions", None, 503),
+        ("Stub process 'qlm_0_0' is not healthy.", None, 503),
         ("qlm: engine failed: boom", None, 500),
         ("bad tensor", "INVALID_ARGUMENT", 400),
     ],

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from qlm_backend.contract import ContractError, parse_generate
+from qlm_backend.core.fleet import parse_fleet
 from qlm_backend.engine.config import EngineConfig, EngineConfigError, load_engine_config
 from qlm_backend.engine.tokens import count_prompt_tokens
 from qlm_backend.router.config import RouterConfig, RouterConfigError, load_router_config
@@ -211,6 +212,47 @@ def test_router_evictions_resume_by_recompute_unless_configured():
     assert RouterConfig().manager_config().kv_swap_resume is False
     cfg = RouterConfig(manager={"kv_swap_resume": True})
     assert cfg.manager_config().kv_swap_resume is True
+
+
+def _fleet(warm_slots: int = 3, warm_start_b: bool = True):
+    inst = {"gpu": "A100-80G", "models_allowed": ["mistral-7b"], "initial_model": "mistral-7b"}
+    return parse_fleet(
+        {
+            "instances": [
+                {**inst, "instance_id": "a"},
+                {**inst, "instance_id": "b", "warm_start": warm_start_b},
+            ],
+            "warm_slots_per_host": warm_slots,
+        }
+    )
+
+
+def test_the_planner_gets_the_fleets_warm_slots_unless_router_json_says_otherwise():
+    fleet = _fleet(warm_slots=3)
+    assert RouterConfig().manager_config(fleet).warm_slots_per_host == 3
+    assert RouterConfig().manager_config(_fleet(warm_slots=0)).warm_slots_per_host == 0
+    cfg = RouterConfig(manager={"warm_slots_per_host": 1})
+    assert cfg.manager_config(fleet).warm_slots_per_host == 1
+    assert cfg.manager_config(fleet).kv_swap_resume is False
+
+
+@pytest.mark.parametrize(
+    ("backend", "planned_warm"),
+    [("sim", True), ("qlm-vllm", True), ("vllm", False)],
+)
+def test_the_planner_counts_on_warm_starts_only_where_the_engine_can_start_warm(
+    backend, planned_warm
+):
+    """Triton's stock vllm_backend has no sleep or wake: its swaps are planned cold (no KeepWarm, no
+    warm swap priced cheap), whatever the fleet file says; `warm_start: false` stays false."""
+    fleet = _fleet(warm_start_b=False)
+    cfg = RouterConfig(instance_backends={"a": backend, "b": backend})
+    planned = {i.instance_id: i.warm_start for i in cfg.planning_fleet(fleet).instances}
+    assert planned == {"a": planned_warm, "b": False}
+    # A mixed fleet: only the stock engines lose warm starts.
+    mixed = RouterConfig(engine_backend="qlm-vllm", instance_backends={"b": "vllm"})
+    planned = {i.instance_id: i.warm_start for i in mixed.planning_fleet(_fleet()).instances}
+    assert planned == {"a": True, "b": False}
 
 
 def test_a_request_naming_no_model_gets_the_default_model_or_a_clear_error() -> None:

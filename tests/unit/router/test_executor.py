@@ -66,6 +66,9 @@ class FakeStream:
             raise EngineError(f"{self.model}: not found", unavailable=True)
         if self.model in self.server.asleep:
             raise EngineError(f"{self.model}: model is asleep", unavailable=True)
+        if self.model in self.server.dead:
+            msg = f"{self.model}: Stub process '{self.model}_0_0' is not healthy."
+            raise EngineError(msg, unavailable=True)
         n0 = len(self.fields["text_input"].split())
         todo = json.loads(self.fields["sampling_parameters"])["max_tokens"]
         for i in range(todo):
@@ -104,6 +107,7 @@ class FakeServer:
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     asleep: set[str] = field(default_factory=set)  # loaded engines put to sleep
     cached_tokens: int = 0  # what its prefix cache reports to a resumed request
+    dead: set[str] = field(default_factory=set)  # stub killed: still "ready", fails every request
     failing_wakes: set[str] = field(default_factory=set)
 
     def stream(self, model: str, fields: Mapping[str, Any], request_id: str) -> FakeStream:
@@ -124,6 +128,7 @@ class FakeServer:
         self.log.append(("unload", model))
         self.ready.discard(model)
         self.asleep.discard(model)
+        self.dead.discard(model)
 
     async def control(self, model: str, op: str) -> ControlReply:
         self.log.append((op, model))
@@ -636,6 +641,22 @@ def test_release_unloads_the_sleeping_engine_of_that_model_only() -> None:
         await rig.settle()
         assert rig.server.log == [("unload", M)] and not rig.driver.asleep
         assert rig.server.ready == {L}
+
+    run(main())
+
+
+def test_recovery_reloads_an_engine_whose_stub_died_although_it_reads_ready() -> None:
+    async def main() -> None:
+        rig = Rig()
+        rig.server.dead.add(M)  # Triton 2.51: the index says READY, every request fails
+        client = rig.admit("r1", max_tokens=3)
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: "on_engine_failed" in rig.core.names())
+        await rig.until(lambda: rig.ex.model_of["i-0"] == "mistral-7b")
+        assert rig.server.log[-3:] == [("unload", M), ("load", M, None), ("loaded", M)]
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: "r1" not in rig.ex.flights)
+        assert client.text == expected_text("tell me a story", 3) and not client.errors
 
     run(main())
 
