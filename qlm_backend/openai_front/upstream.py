@@ -11,7 +11,8 @@ A router whose stub dies leaves its streams open with nothing more to come: Trit
 of them (docs/triton-vllm-facts.md section 8). While streams are open, the client therefore asks
 the server every `watch_s` whether the router model is ready; two "not ready" answers in a row
 (`qlm-serve`'s supervisor holds a dead router unloaded for a second before loading it again) end
-every open stream with an UNAVAILABLE error and cancel its call. A failed readiness call (a busy or
+every open stream that has heard nothing for SILENT_WATCHES polls with an UNAVAILABLE error and
+cancel its call (a router reloaded through the repository API drains: its streams go on). A failed readiness call (a busy or
 unreachable server) is not an answer: the streams' own calls fail if the server is gone.
 """
 
@@ -86,6 +87,7 @@ class RouterStream:
         self._queue: asyncio.Queue[Piece | RouterError] = asyncio.Queue()
         self._ended = asyncio.Event()  # the request has ended: the stream may close
         self.finished = False  # the final response or an error arrived
+        self.last_piece_s = asyncio.get_running_loop().time()  # when it last heard from the router
         self.cancelled = False
         # Called once, when the first response with a token arrives (the front's TTFT metric).
         self.on_first_token: Callable[[], object] | None = None
@@ -105,6 +107,7 @@ class RouterStream:
                     )
                     return
                 piece = decode(result)
+                self.last_piece_s = asyncio.get_running_loop().time()
                 if piece.tokens > 0 and self.on_first_token is not None:
                     self.on_first_token()
                     self.on_first_token = None
@@ -161,6 +164,9 @@ class RouterStream:
         self._task.cancel()
 
 
+SILENT_WATCHES = 4  # readiness polls without a response before a stream counts as orphaned
+
+
 class RouterClient:
     """One gRPC channel to the Triton server that runs the router; many concurrent streams."""
 
@@ -201,16 +207,20 @@ class RouterClient:
             state = await self._ready()
             not_ready = not_ready + 1 if state is False else 0
             if not_ready >= 2:
+                # A router reloaded through the repository API drains: Triton keeps the old one
+                # until its streams end, and they keep streaming. A dead one's streams go silent.
+                now = asyncio.get_running_loop().time()
+                limit = SILENT_WATCHES * self.watch_s
+                silent = [s for s in self._open if now - s.last_piece_s > limit]
                 err = RouterError(
                     f"the router {self.router!r} went down (its model is not ready); "
                     "this request is lost, send it again",
                     "UNAVAILABLE",
                 )
-                for stream in list(self._open):
+                for stream in silent:
                     stream.abandon(err)
+                    self._open.discard(stream)
                     self.abandoned += 1
-                self._open.clear()
-                not_ready = 0
 
     async def close(self) -> None:
         if self._watch is not None:
