@@ -238,14 +238,14 @@ class StreamDriver:
         mode = self.warm_mode(instance)
         sleeps = mode == "sleep"
         t0 = self.clock()
-        started_warm = warm and mode == "load"
+        woken = False
         try:
             if from_model:
                 await self._put_away(client, instance, from_model, sleeps and keep_from)
             name = self.engine_name(to_model, instance)
             if sleeps and (instance, to_model) in self.asleep:
-                started_warm = await self._wake(client, instance, to_model)
-            if not (sleeps and started_warm):
+                woken = await self._wake(client, instance, to_model)
+            if not woken:
                 await asyncio.wait_for(
                     client.load(name, self.load_override(name, instance, warm)),
                     timeout=self.load_timeout_s,
@@ -256,7 +256,9 @@ class StreamDriver:
             ex.on_load_failed(instance, to_model, repr(e), self.clock())
             return
         now = self.clock()
-        how = ("woken" if sleeps else "warm") if started_warm else "cold"
+        # A simulated engine's warm load is told by its override; a real engine is warm if woken.
+        started_warm = woken or (warm and mode == "load")
+        how = "woken" if woken else ("warm" if started_warm else "cold")
         self.log("info", f"{instance}: {from_model} -> {to_model} ({how}) in {now - t0:.1f} s")
         ex.on_loaded(instance, to_model, now, warm=started_warm)
 
