@@ -129,6 +129,11 @@ class ManagerConfig:
     # 5 models on 3 slots thrashed 692 times without it).
     swap_hysteresis: float = 1.0
     min_resident_s: float = 10.0  # a freshly loaded model stays at least this long if it has work
+    # Another model's block whose head has waited this share of its TTFT SLO is due: the incumbent's
+    # later work goes behind it, so a busy model cannot hold a shared instance forever
+    # (policies/qlm/ordering.py _time_slice). inf: never (the incumbent keeps the instance while it
+    # has work, unless a swap beats it by the hysteresis).
+    swap_due_share: float = 0.5
     warm_slots_per_host: int = 2
     # Plans cost a model load at the mean of the loads measured on that (model, GPU, TP, warm/cold)
     # (SwapModel to on_model_loaded) once one was seen, instead of the datasheet figure (perf.load_s):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -142,6 +143,47 @@ def test_no_swap_for_one_rare_request_while_incumbent_has_work() -> None:
     acts = qm.plan(0.0)
     assert not any(isinstance(a, SwapModel) for a in acts)
     assert qm.virtual_queue("i-0")[-1].request_ids == ("rare",)
+
+
+def _incumbent_with_fresh_arrivals(share: float, fresh_class: str) -> list[tuple[str, ...]]:
+    # mistral-7b runs 8 batch-1 requests (first tokens out at t=1); a llama-2-13b batch-1 request
+    # has waited since t=0.5; five mistral requests of `fresh_class` arrived at t=5..9. At t=10
+    # every order is forecast to meet every deadline now, and keeping mistral first is what
+    # starves llama when mistral's arrivals never stop (the llama request waits >= 10% of its SLO
+    # at t=10: due under share 0.1).
+    qm = QueueManager(
+        make_fleet(n=1, models=("mistral-7b", "llama-2-13b"), max_in_flight=8),
+        "qlm",
+        ManagerConfig(swap_due_share=share),
+    )
+    for k in range(8):
+        qm.add_request(make_request(f"run{k}", slo_class="batch-1", max_tokens=512), 0.0)
+    qm.plan(0.0)
+    for k in range(8):
+        qm.on_first_token(f"run{k}", 1.0)
+    qm.add_request(
+        make_request("llama", model="llama-2-13b", slo_class="batch-1", arrival_s=0.5), 0.5
+    )
+    for k in range(5):
+        t = 5.0 + k
+        qm.add_request(make_request(f"new{k}", slo_class=fresh_class, arrival_s=t), t)
+    qm.plan(10.0)
+    return [e.request_ids for e in qm.virtual_queue("i-0")]
+
+
+def test_due_model_goes_ahead_of_incumbent_work_with_slack() -> None:
+    # Expected order: llama (due; its deadline, 60.5, is before the fresh batch-2 work's) then
+    # the fresh mistral work, which still meets its 3600 s SLO after the swap and back.
+    assert _incumbent_with_fresh_arrivals(0.1, "batch-2")[0] == ("llama",)
+    # Without the due rule the incumbent keeps the instance: the forecast of this moment sees no
+    # miss either way, so the hysteresis keeps mistral first.
+    assert _incumbent_with_fresh_arrivals(math.inf, "batch-2")[-1] == ("llama",)
+
+
+def test_due_model_waits_when_the_slice_costs_more_than_it_saves() -> None:
+    # The fresh mistral work is batch-1 (deadlines 65-69): a swap to llama and back makes all
+    # five miss (weight 2 each) to save one llama request (weight 2): mistral stays first.
+    assert _incumbent_with_fresh_arrivals(0.1, "batch-1")[-1] == ("llama",)
 
 
 def test_eviction_of_lower_class_for_urgent_interactive() -> None:
