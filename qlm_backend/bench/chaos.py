@@ -738,6 +738,7 @@ def report_lines(rep: dict[str, Any]) -> list[str]:
     lines += [f"  e.g. {kind}: {m}" for kind, m in acc["error_samples"].items()]
     lines += [f"  misanswered bad input: {m}" for m in acc["bad_input_misanswers"]]
     lines += [f"  lost: {m}" for m in acc["lost_samples"]]
+    lines += [f"  waiting (within its SLO): {m}" for m in acc.get("waiting_samples", ())]
     return lines
 
 
@@ -792,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         fleet.stop()
         stop_s = time.monotonic() - t_stop
         log_file.close()
-    acc = account([r.observed() for r in load.recs], load.runs, CLASSES, a.time_scale)
+    acc = account([r.observed() for r in load.recs], load.runs, CLASSES, a.time_scale, SLO_S)
     faults = []
     for r in load.runs:
         got = load.recovered.get(r.fault.index)
@@ -840,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         f"chaos ({a.minutes:g} min, seed {a.seed}, {rep['wall_s']:.0f} s wall): sent {acc.sent}, "
         f"accepted {acc.accepted}, completed {acc.completed}, cancelled {acc.cancelled}, refused "
         f"{acc.refused}, errors {sum(acc.errors_by_kind.values())}, orphaned {acc.orphaned}, "
-        f"lost {acc.lost}; faults {len(faults)}, recovered {len(faults) - len(unrecovered)}, "
+        f"waiting within SLO {acc.waiting}, lost {acc.lost}; faults {len(faults)}, recovered {len(faults) - len(unrecovered)}, "
         f"recovery max {max((f['recovery_s'] or 0 for f in faults), default=0):.1f} s; "
         f"report {a.out}"
     )

@@ -13,6 +13,10 @@ Definitions the report uses:
   (docs/reliability.md, the router's own crash), so they are counted apart, not as lost.
 - *lost*: accepted, not cancelled, not orphaned, and neither a final response nor an explicit error
   within the client's deadline. Must be 0.
+- *waiting*: what would be lost but for its SLO: no first token yet when its client gave up (or the
+  run ended), and its class's TTFT SLO had not run out. The router owes it nothing yet (a batch-2
+  request may wait an hour), so a client deadline shorter than the SLO cannot judge it; counted
+  apart (the 10-minute run's one "lost" request, sent during a 10x burst, was of this shape).
 - *recovery* of a fault: from its start to the end of the first request served normally (completed
   with TTFT within its class SLO) by the part the fault hit, among requests sent after the fault
   (after its window, for the load-shaped faults). For the router (reload, crash) and the load shapes
@@ -277,6 +281,14 @@ def orphaned(o: Observed, router_kills_s: Sequence[float]) -> bool:
     return any(o.sent_s < t and (o.end_s is None or o.end_s > t) for t in router_kills_s)
 
 
+def within_slo(o: Observed, slo_s: Mapping[str, float] | None, time_scale: float) -> bool:
+    """No first token yet, and its class's TTFT SLO had not run out when its client stopped
+    waiting: the router had not yet broken its contract with it."""
+    if slo_s is None or o.tokens or o.ttft_s is not None or o.end_s is None:
+        return False
+    return o.end_s - o.sent_s < slo_s.get(o.slo_class, 0.0) * time_scale
+
+
 def served_normally(o: Observed, slo_s: Mapping[str, float], time_scale: float) -> bool:
     return (
         o.outcome == "completed"
@@ -339,12 +351,14 @@ class Accounting:
     cancelled: int
     orphaned: int
     lost: int
+    waiting: int
     errors_by_kind: Mapping[str, int]
     error_samples: Mapping[str, str]  # kind -> the front, status and message of one
     bad_inputs: int
     bad_inputs_refused_ok: int
     bad_input_misanswers: tuple[str, ...]  # what a wrongly answered bad input got
     lost_samples: tuple[str, ...]
+    waiting_samples: tuple[str, ...]
     per_front: Mapping[str, Mapping[str, int]]
     ttft_p99_sim_s: Mapping[str, Mapping[str, float | None]]  # class -> phase -> p99
     ttft_n: Mapping[str, Mapping[str, int]]
@@ -361,7 +375,9 @@ def account(
     runs: Sequence[FaultRun],
     classes: Sequence[str],
     time_scale: float,
+    slo_s: Mapping[str, float] | None = None,
 ) -> Accounting:
+    """`slo_s`: each class's TTFT SLO (s, unscaled); without it nothing counts as *waiting*."""
     kills = [r.start_s for r in runs if r.fault.kind == "router-crash" and r.error is None]
     first = min((r.start_s for r in runs), default=None)
     last = max((r.end_s for r in runs), default=None)
@@ -369,8 +385,9 @@ def account(
     bad = [o for o in seen if o.bad_field is not None]
     errors: dict[str, int] = {}
     samples: dict[str, str] = {}
-    refused = completed = cancelled = orphans = lost = 0
+    refused = completed = cancelled = orphans = lost = waiting = 0
     lost_samples: list[str] = []
+    waiting_samples: list[str] = []
     per_front: dict[str, dict[str, int]] = {f: {} for f in FRONTS}
     ttft: dict[str, dict[str, list[float]]] = {c: {p: [] for p in PHASES} for c in classes}
     per_instance: dict[str, dict[str, int]] = {}
@@ -390,6 +407,13 @@ def account(
         elif o.outcome == "cancelled":
             verdict = "cancelled"
             cancelled += 1
+        elif o.outcome == "lost" and within_slo(o, slo_s, time_scale):
+            verdict = "waiting"
+            waiting += 1
+            if len(waiting_samples) < 10:
+                waiting_samples.append(
+                    f"{o.rid} {o.front} {o.slo_class} sent at {o.sent_s:.1f} s: {o.error}"
+                )
         elif o.outcome == "lost":
             verdict = "lost"
             lost += 1
@@ -414,12 +438,14 @@ def account(
         cancelled=cancelled,
         orphaned=orphans,
         lost=lost,
+        waiting=waiting,
         errors_by_kind=dict(sorted(errors.items())),
         error_samples=samples,
         bad_inputs=len(bad),
         bad_inputs_refused_ok=len(bad) - len(misanswers),
         bad_input_misanswers=misanswers,
         lost_samples=tuple(lost_samples),
+        waiting_samples=tuple(waiting_samples),
         per_front=per_front,
         ttft_p99_sim_s={c: {p: percentile(xs, 99) for p, xs in d.items()} for c, d in ttft.items()},
         ttft_n={c: {p: len(xs) for p, xs in d.items()} for c, d in ttft.items()},

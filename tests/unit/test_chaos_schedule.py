@@ -248,3 +248,22 @@ def test_the_accounting():
     assert acc.ttft_n["interactive"] == {"before": 1, "during": 0, "after": 1}
     assert acc.ttft_p99_sim_s["batch-2"]["after"] is None
     assert acc.as_json()["errors_by_kind"] == acc.errors_by_kind
+
+
+def test_unanswered_within_its_slo_is_waiting_not_lost():
+    slo = {"interactive": 20.0, "batch-1": 60.0, "batch-2": 3600.0}
+    seen = [
+        # batch-2, no token when its client gave up after 120 s: the router owes it nothing yet
+        obs("b2", cls="batch-2", sent=300.0, outcome="lost", end_s=420.0, error="TimeoutError"),
+        # interactive, no token after 120 s: its 20 s SLO ran out long ago -> lost
+        obs("i", sent=300.0, outcome="lost", end_s=420.0, error="TimeoutError"),
+        # batch-2 that got tokens, then stalled: a stream left hanging is lost whatever its SLO
+        obs("b2s", cls="batch-2", sent=300.0, outcome="lost", end_s=420.0, tokens=3, ttft_s=1.0),
+    ]
+    acc = account(seen, [], tuple(slo), 1.0, slo)
+    assert (acc.waiting, acc.lost) == (1, 2)
+    assert acc.waiting_samples[0].startswith("b2 grpc batch-2")
+    # At a time scale of 0.01 the batch-2 SLO is 36 wall seconds: 120 s without a token is lost.
+    assert account(seen[:1], [], tuple(slo), 0.01, slo).lost == 1
+    # Without the SLOs nothing is excused.
+    assert account(seen, [], tuple(slo), 1.0).lost == 3
