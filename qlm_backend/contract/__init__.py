@@ -4,7 +4,8 @@
   optional), and the name lists derived from them;
 - model_config.py: the config.pbtxt / config JSON sections rendered from a table;
 - values.py, sampling.py, generate.py: a request decoded and validated (errors name their field);
-- encode.py: responses and requests built from the tables.
+- encode.py: responses and requests built from the tables;
+- respond.py: one request's responses, streamed or not, as vllm_backend sends them.
 
 Pure Python and numpy: no Triton import, so the CPU test suite checks all of it.
 """
@@ -18,6 +19,12 @@ from qlm_backend.contract.encode import (
 )
 from qlm_backend.contract.generate import GenerateParams, parse_generate
 from qlm_backend.contract.model_config import io_config, io_pbtxt
+from qlm_backend.contract.respond import (
+    Responder,
+    join_logprobs,
+    logprobs_text,
+    vllm_logprobs_json,
+)
 from qlm_backend.contract.sampling import (
     DEFAULT_MAX_TOKENS,
     RESERVED_PARAMETERS,
@@ -72,6 +79,7 @@ __all__ = [
     "VLLM_BACKEND_OUTPUTS",
     "ContractError",
     "GenerateParams",
+    "Responder",
     "Sampling",
     "Tensor",
     "TensorSpec",
@@ -79,6 +87,8 @@ __all__ = [
     "engine_request_tensors",
     "io_config",
     "io_pbtxt",
+    "join_logprobs",
+    "logprobs_text",
     "names",
     "output_arrays",
     "parse_generate",
@@ -87,4 +97,5 @@ __all__ = [
     "router_request_tensors",
     "sampling_source",
     "scalar",
+    "vllm_logprobs_json",
 ]

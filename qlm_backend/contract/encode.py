@@ -67,6 +67,12 @@ def output_arrays(
         "num_output_tokens": num_output_tokens,
         "num_cached_tokens": num_cached_tokens,
     }
-    return {
+    out = {
         s.name: s.array(values[s.name]) for s, flag in _RESPONSE if flag is None or flag in returns
     }
+    if "num_input_tokens" in out:
+        # vllm_backend builds it as np.asarray(n) (a 0-d array), not a list: a gRPC client gets
+        # shape [] and as_numpy() a 0-d array, where indexing with [0] fails; HTTP JSON gives the
+        # same bare number either way. Sent alike, so a client written for one works with the other.
+        out["num_input_tokens"] = out["num_input_tokens"].reshape(())
+    return out

@@ -152,7 +152,9 @@ def parse_sampling(raw: Mapping[str, Any], max_context_tokens: int | None = None
         raise ContractError(unknown[0], "unknown sampling parameter")
     n = _int(raw, "n", 1)
     if n is not None and n != 1:
-        raise ContractError("n", f"only n=1 is supported, got {n}")
+        # vllm_backend would answer n outputs per tensor; the router serves one sequence per
+        # request (its plan, resume and accounting are per sequence), and so do our engines.
+        raise ContractError("n", f"only n=1 is supported (one output sequence), got {n}")
     hi = max_context_tokens
     max_tokens = _int(raw, "max_tokens", 1, hi)
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens

@@ -114,11 +114,28 @@ def draw_output_length(seed: int, mean_tokens: float, max_tokens: int) -> int:
     return max(1, min(n, max_tokens))
 
 
-def logprobs_json(tokens: list[SynthToken]) -> str:
-    """vLLM's per-token logprob dicts, as Triton's vllm_backend serialises them."""
-    return json.dumps(
-        [
-            {str(t.token_id): {"logprob": t.logprob, "rank": 1, "decoded_token": t.text}}
-            for t in tokens
-        ]
-    )
+def logprobs_json(tokens: list[SynthToken], top_k: int = 0) -> str:
+    """vLLM's per-token logprob dicts as Triton's vllm_backend serialises them: the sampled token
+    first, then the top `top_k` (the sampling parameters' `logprobs`). A synthetic token is always
+    the most likely one (rank 1), so a token has max(1, top_k) entries, as vLLM gives when the
+    sampled token is among the top k."""
+    return json.dumps([_token_logprobs(t, top_k) for t in tokens])
+
+
+def _token_logprobs(t: SynthToken, top_k: int) -> dict[str, dict[str, object]]:
+    out: dict[str, dict[str, object]] = {
+        str(t.token_id): {"logprob": t.logprob, "rank": 1, "decoded_token": t.text}
+    }
+    # The runners-up share what the sampled token leaves, each half the one before and all below
+    # it, so the ranks and a total probability <= 1 stay consistent. No draw from the token
+    # stream: asking for logprobs must not change the text.
+    p = math.exp(t.logprob)
+    share = max(min(p, 1.0 - p), 1e-12)
+    for rank in range(2, top_k + 1):
+        tid = (t.token_id + rank - 1) % len(_WORDS)
+        out[str(tid)] = {
+            "logprob": math.log(share * 0.5 ** (rank - 1)),
+            "rank": rank,
+            "decoded_token": _WORDS[tid] + " ",
+        }
+    return out

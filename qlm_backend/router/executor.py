@@ -220,6 +220,8 @@ class Executor:
         f.tokens_done += ch.num_output_tokens
         if ch.extras:
             f.extras.update(ch.extras)
+            if not f.stream and "logprobs" in ch.extras:
+                f.logprob_parts.append(ch.extras["logprobs"])
         progressed = False
         if f.first_token_s is None and ch.num_output_tokens > 0:
             f.first_token_s, f.scheduled_s = now, ch.scheduled_s

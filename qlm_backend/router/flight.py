@@ -103,6 +103,9 @@ class Flight:
     scheduled_s: float | None = None  # when the engine first scheduled it (where known)
     evictions: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    # Not streamed: every chunk's `logprobs` output, in order, for its one response (extras keeps
+    # only the latest chunk's, which is what a streamed response needs).
+    logprob_parts: list[Any] = field(default_factory=list)
     resume_context: int = 0  # tokens the open stream resumed with, until its engine reports hits
 
     @property

@@ -18,7 +18,8 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from qlm_backend.router.flight import ClientSink, ErrorKind, Flight
 
@@ -31,6 +32,9 @@ class _Data:
     reason: str | None
     final: bool
     joined: int = 1  # engine responses in it
+    # The flight's other outputs (logprobs, cumulative_logprob, ...) as they were when this response
+    # was queued: the loop updates the flight's own with each later chunk before this one leaves.
+    extras: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class RelaySink:
     def send(self, f: Flight, text: str, num_tokens: int, reason: str | None, final: bool) -> bool:
         if self.gone:
             return False
+        extras = dict(f.extras) if f is not None and f.extras else None
         with self.relay.lock:
             last = self.pending[-1] if self.pending else None
             if self.join and isinstance(last, _Data) and not last.final:
@@ -59,8 +64,9 @@ class RelaySink:
                 last.tokens += num_tokens
                 last.reason, last.final = reason, final
                 last.joined += 1
+                last.extras = extras  # cumulative values: the latest chunk's stand for all
             else:
-                self.pending.append(_Data(f, [text], num_tokens, reason, final))
+                self.pending.append(_Data(f, [text], num_tokens, reason, final, extras=extras))
             self.relay.ready(self)
         return True
 
@@ -127,7 +133,8 @@ class Relay:
         self.responses += 1
         self.engine_responses += item.joined
         text = item.text[0] if len(item.text) == 1 else "".join(item.text)
-        if not s.inner.send(item.flight, text, item.tokens, item.reason, item.final):
+        flight = item.flight if item.extras is None else replace(item.flight, extras=item.extras)
+        if not s.inner.send(flight, text, item.tokens, item.reason, item.final):
             s.gone = True
             self.call_on_loop(s.on_gone)  # the client left: the executor cancels the request
 

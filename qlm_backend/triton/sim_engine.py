@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from qlm_backend.contract import ENGINE_INPUT_NAMES, GenerateParams, output_arrays, parse_generate
+from qlm_backend.contract import ENGINE_INPUT_NAMES, GenerateParams, Responder, parse_generate
 from qlm_backend.engine.config import EngineConfig, load_engine_config
 from qlm_backend.engine.sim import EngineRequest, SimEngine, TokenEvent
 from qlm_backend.engine.tokens import (
@@ -50,9 +49,11 @@ class _Active:
     prompt_tokens: int
     stream: TokenStream
     start_wall: float
+    responder: Responder
     tokens: list[SynthToken] = field(default_factory=list)
     first_token_wall: float | None = None
     cached_tokens: int = 0  # of the prompt, found in the prefix cache at admission
+    logprob_sum: float = 0.0
 
 
 # The router's engine stream ids: `<rid>.<generation>`. A resume of an evicted request is a new
@@ -158,7 +159,9 @@ class SimEngineModel:
             else draw_output_length(seed, self.cfg.mean_output_tokens, s.max_tokens)
         )
         target = max(target, s.min_tokens)
-        act = _Active(sender, params, n_prompt, TokenStream(seed), time.monotonic())
+        act = _Active(
+            sender, params, n_prompt, TokenStream(seed), time.monotonic(), Responder(params)
+        )
         self._active[rid] = act
         key = prefix_key(request_id, params.prompt)
         if key is not None:
@@ -216,7 +219,7 @@ class SimEngineModel:
         # As vLLM's output processor does, a request gets what it produced since its last output in
         # one response: when the loop runs behind the simulated GPU (several iterations end
         # between two wake-ups), that is one response per request, not one per token.
-        streamed: dict[str, list[SynthToken]] = {}
+        new: dict[str, list[SynthToken]] = {}
         ended: dict[str, str | None] = {}
         for ev in events:
             act = self._active.get(ev.request_id)
@@ -224,21 +227,20 @@ class SimEngineModel:
                 continue
             tok = act.stream.next()
             act.tokens.append(tok)
+            act.logprob_sum += tok.logprob
             if act.first_token_wall is None:
                 act.first_token_wall = time.monotonic()
-            if act.params.stream:
-                streamed.setdefault(ev.request_id, []).append(tok)
+            new.setdefault(ev.request_id, []).append(tok)
             if ev.finished:
                 ended[ev.request_id] = ev.finish_reason
-        for rid, toks in streamed.items():
-            act = self._active[rid]
-            self._send(act, toks, rid in ended, ended.get(rid), len(toks))
+        for rid, toks in new.items():
+            act = self._active.get(rid)
+            if act is not None:  # None: a failed send of this batch aborted it
+                self._send(act, toks, rid in ended, ended.get(rid))
         for rid, reason in ended.items():
             act = self._active.get(rid)
             if act is None:
                 continue  # its send failed: already aborted
-            if not act.params.stream:
-                self._send(act, act.tokens, True, reason, len(act.tokens))
             self._active.pop(rid, None)
             now = time.monotonic()
             ttft = (act.first_token_wall or now) - act.start_wall
@@ -247,25 +249,23 @@ class SimEngineModel:
             )
             self.metrics.finished(reason or "stop")
 
-    def _send(
-        self, act: _Active, toks: list[SynthToken], final: bool, reason: str | None, n_new: int
-    ) -> None:
-        text = "".join(t.text for t in toks)
-        if final and not act.params.stream and act.params.prepend_input:
-            text = act.params.prompt + text
+    def _send(self, act: _Active, toks: list[SynthToken], final: bool, reason: str | None) -> None:
         # As vLLM: log-probabilities exist only when the sampling parameters ask for them
         # (`logprobs`); otherwise vllm_backend answers logprobs "null" and cumulative_logprob NaN.
-        asked = act.params.sampling.logprobs is not None
-        arrays = output_arrays(
-            act.params.returns,
-            text,
-            reason,
-            sum(t.logprob for t in act.tokens) if asked else math.nan,
-            logprobs_json(toks) if asked else None,
-            act.prompt_tokens,
-            n_new,
-            act.cached_tokens,
+        top_k = act.params.sampling.logprobs
+        serialise = top_k is not None and "return_logprobs" in act.params.returns
+        arrays = act.responder.step(
+            "".join(t.text for t in toks),
+            len(toks),
+            final=final,
+            finish_reason=reason if final else None,
+            logprobs=logprobs_json(toks, top_k or 0) if serialise else None,
+            cumulative_logprob=act.logprob_sum if top_k is not None else None,
+            num_input_tokens=act.prompt_tokens,
+            num_cached_tokens=act.cached_tokens,
         )
+        if arrays is None:
+            return  # not streamed: one response at the end
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         try:
             act.sender.send(make_response(arrays), flags=flags)

@@ -23,9 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import locale
-import math
 import os
 import queue
 import threading
@@ -44,8 +42,10 @@ from qlm_backend.contract import (
     ENGINE_INPUT_NAMES,
     ContractError,
     GenerateParams,
+    Responder,
     output_arrays,
     parse_generate,
+    vllm_logprobs_json,
 )
 from qlm_backend.triton.glue import (
     LoopThread,
@@ -334,10 +334,9 @@ class VllmEngineModel:
             req.exact_resume = ids is not None
             prompt: Any = {"prompt_token_ids": ids} if ids is not None else req.params.prompt
             gen = self.engine.generate(prompt, sampling, req.rid, priority=req.params.priority)
-            cumulative = 0.0
-            # A non-streaming request gathers its deltas here and answers once, at the end.
-            texts: list[str] = []
-            logprobs: list[Any] = []
+            # The responder gathers a non-streaming request's deltas: it answers once, at the end.
+            responder = Responder(req.params)
+            serialise = "return_logprobs" in req.params.returns
             async for out in gen:
                 c = out.outputs[0]
                 if req.first_token is None and c.token_ids:
@@ -357,35 +356,24 @@ class VllmEngineModel:
                 # DELTA outputs carry only new tokens (streaming or not, see _sampling).
                 n_new = len(c.token_ids)
                 req.output_tokens += n_new
-                if c.cumulative_logprob is not None:
-                    cumulative = float(c.cumulative_logprob)
-                elif not req.params.returns.isdisjoint({"return_cumulative_logprob"}):
-                    cumulative = math.nan
                 final = bool(out.finished)
                 if final and out.metrics is not None:
                     req.engine_last_token_ts = out.metrics.last_token_ts
-                if not req.params.stream:
-                    texts.append(c.text)
-                    if c.logprobs is not None:
-                        logprobs.extend(c.logprobs)
-                if req.params.stream or final:
-                    if req.params.stream:
-                        text, lp, n_out = c.text, c.logprobs, n_new
-                    else:
-                        text, n_out = "".join(texts), req.output_tokens
-                        lp = logprobs if c.logprobs is not None else None
-                        if req.params.prepend_input:
-                            text = req.params.prompt + text
-                    arrays = output_arrays(
-                        req.params.returns,
-                        text,
-                        c.finish_reason if final else None,
-                        cumulative,
-                        _logprobs_json(lp) if lp is not None else None,
-                        req.prompt_tokens,
-                        n_out,
-                        req.cached_tokens,
-                    )
+                # vLLM's cumulative_logprob is the whole output's even in DELTA outputs, and None
+                # (sent as NaN) when the sampling parameters ask for no `logprobs`.
+                arrays = responder.step(
+                    c.text,
+                    n_new,
+                    final=final,
+                    finish_reason=c.finish_reason if final else None,
+                    logprobs=vllm_logprobs_json(c.logprobs)
+                    if serialise and c.logprobs is not None
+                    else None,
+                    cumulative_logprob=c.cumulative_logprob,
+                    num_input_tokens=req.prompt_tokens,
+                    num_cached_tokens=req.cached_tokens,
+                )
+                if arrays is not None:
                     self._send(req, arrays, final)
                     if req.resumable is not None:
                         req.resumable.sent(c.text, list(c.token_ids))
@@ -604,20 +592,3 @@ def _is_client_error(e: BaseException) -> bool:
         "VLLMValidationError",
         "VLLMClientError",
     }
-
-
-def _logprobs_json(logprobs: Any) -> str:
-    """vllm_backend's format: per token, {token_id: {logprob, rank, decoded_token}}."""
-    items = []
-    for per_token in logprobs:
-        items.append(
-            {
-                str(tid): {
-                    "logprob": lp.logprob,
-                    "rank": lp.rank,
-                    "decoded_token": lp.decoded_token,
-                }
-                for tid, lp in per_token.items()
-            }
-        )
-    return json.dumps(items)

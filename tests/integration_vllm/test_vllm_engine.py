@@ -88,7 +88,8 @@ def test_return_outputs_present_and_consistent(vllm_server: VllmServer) -> None:
         **flags,
     )
     assert r.error is None
-    n_in = {int(x.outputs["num_input_tokens"][0]) for x in r.replies}
+    # 0-d, as vllm_backend sends it: read with item(), not [0].
+    n_in = {int(x.outputs["num_input_tokens"].item()) for x in r.replies}
     assert len(n_in) == 1 and n_in.pop() > 0
     total_lp = 0.0
     n_out = 0
@@ -112,7 +113,7 @@ def test_return_outputs_present_and_consistent(vllm_server: VllmServer) -> None:
     assert int(out["num_output_tokens"][0]) == 16
     assert len(json.loads(out["logprobs"][0])) == 16
     assert out["finish_reason"][0] == b"length"
-    assert int(out["num_input_tokens"][0]) == int(r.replies[0].outputs["num_input_tokens"][0])
+    assert out["num_input_tokens"].item() == r.replies[0].outputs["num_input_tokens"].item()
     # Without `logprobs` in the sampling parameters vLLM computes none: as vllm_backend, the
     # flags still return the outputs, as "null" and NaN.
     no_lp = generate(

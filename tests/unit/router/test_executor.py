@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qlm_backend.contract import ContractError, parse_generate
+from qlm_backend.contract import ContractError, join_logprobs, logprobs_text, parse_generate
 from qlm_backend.core.actions import Evict, KeepWarm, Pull, Reject, Release, SwapModel
 from qlm_backend.core.api import parse_fleet
 from qlm_backend.router.executor import Executor
@@ -86,6 +86,9 @@ class FakeStream:
                 "num_input_tokens": np.array([n0], dtype=np.uint32),
                 "cumulative_logprob": np.array([-0.5 * self.produced], dtype=np.float32),
             }
+            if self.fields.get("return_logprobs"):
+                entry = {str(n0 + i): {"logprob": -0.5, "rank": 1, "decoded_token": f" w{n0 + i}"}}
+                extras["logprobs"] = np.array([json.dumps([entry]).encode()], dtype=np.object_)
             # An engine that reports its prefix cache does so when asked (a resume).
             cached = None
             if self.fields.get("return_num_cached_tokens"):
@@ -173,10 +176,11 @@ class FakeClient:
         return "".join(r[0] for r in self.responses)
 
 
-def gen_params(prompt: str, stream: bool, **sampling: Any) -> Any:
+def gen_params(prompt: str, stream: bool, flags: tuple[str, ...] = (), **sampling: Any) -> Any:
     inputs = {
         "text_input": np.array([prompt.encode()], dtype=np.object_),
         "stream": np.array([stream]),
+        **{flag: np.array([True]) for flag in flags},
     }
     return parse_generate(inputs, json.dumps(sampling))
 
@@ -248,8 +252,9 @@ class Rig:
         stream: bool = True,
         model: str = "mistral-7b",
         deadline_s: float = 10.0,
+        flags: tuple[str, ...] = (),
     ) -> FakeClient:
-        params = gen_params(prompt, stream, max_tokens=max_tokens, ignore_eos=True)
+        params = gen_params(prompt, stream, flags, max_tokens=max_tokens, ignore_eos=True)
         client = FakeClient()
         f = Flight(
             rid, model, "interactive", self.now, deadline_s, len(prompt.split()), max_tokens,
@@ -766,6 +771,39 @@ def test_a_resumed_request_reports_its_first_prompt_count_and_a_running_logprob_
         # The second engine saw 4 + 5 words of prompt and 7 tokens; the client sees the request's.
         assert int(f.extras["num_input_tokens"][0]) == 4
         assert float(f.extras["cumulative_logprob"][0]) == pytest.approx(-0.5 * 12)
+
+    run(main())
+
+
+def test_a_resumed_non_streaming_request_keeps_every_chunks_logprobs_in_order() -> None:
+    # Its one response carries the logprobs of all its tokens (vllm_backend answers a request
+    # that is not streamed from a fresh state): the chunks' lists, across the resume.
+    async def main() -> None:
+        rig = Rig()
+        rig.server.gate_after = 5
+        rig.admit("r1", max_tokens=12, stream=False, flags=("return_logprobs",))
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: rig.ex.flights["r1"].tokens_done == 5)
+        rig.ex.execute(Evict("r1", "i-0"), 0.0)
+        rig.server.gate.set()
+        rig.ex.execute(pull("r1"), 0.0)
+        f = rig.ex.flights["r1"]
+        await rig.until(lambda: "r1" not in rig.ex.flights)
+        joined = json.loads(join_logprobs(logprobs_text(a) for a in f.logprob_parts) or "")
+        tokens = [next(iter(e.values()))["decoded_token"] for e in joined]
+        assert "".join(tokens) == expected_text("tell me a story", 12)
+
+    run(main())
+
+
+def test_a_streaming_request_keeps_no_logprobs_parts() -> None:
+    async def main() -> None:
+        rig = Rig()
+        rig.admit("r1", max_tokens=3, flags=("return_logprobs",))
+        rig.ex.execute(pull("r1"), 0.0)
+        f = rig.ex.flights["r1"]
+        await rig.until(lambda: "r1" not in rig.ex.flights)
+        assert f.logprob_parts == [] and "logprobs" in f.extras
 
     run(main())
 

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlm_backend.router.flight import Flight
 from qlm_backend.router.relay import Relay
 
 
@@ -87,6 +88,57 @@ def test_responses_with_per_token_logprobs_are_never_joined() -> None:
     client.release.set()
     relay.close()
     assert client.sent == [("a", 1, None, False), ("b", 1, None, False), ("c", 1, "stop", True)]
+
+
+def test_each_response_leaves_with_the_outputs_of_its_own_chunk() -> None:
+    # The loop updates the flight's extras with every chunk before the relay thread sends the
+    # responses before it: each response must carry its own chunk's logprobs, not the latest.
+    relay, _ = make_relay()
+    seen: list[Any] = []
+    client = SlowClient()
+    inner_send = client.send
+
+    def send(f: Any, text: str, num_tokens: int, reason: str | None, final: bool) -> bool:
+        ok = inner_send(f, text, num_tokens, reason, final)
+        seen.append(dict(f.extras))
+        return ok
+
+    client.send = send  # type: ignore[method-assign]
+    f = Flight("r1", "m", "c", 0.0, 1.0, 1, 3, stream=True, payload=None, sink=client)
+    sink = relay.sink(client, lambda: None, join=False)
+    for i, final in enumerate((False, False, True)):
+        f.extras.update(logprobs=f"[{i}]", cumulative_logprob=-float(i))
+        sink.send(f, f"t{i}", 1, "length" if final else None, final)
+        if i == 0:
+            client.entered.wait(5)  # the first is in its round trip: the others queue behind it
+    client.release.set()
+    relay.close()
+    assert [x["logprobs"] for x in seen] == ["[0]", "[1]", "[2]"]
+    assert [x["cumulative_logprob"] for x in seen] == [0.0, -1.0, -2.0]
+
+
+def test_joined_responses_carry_the_latest_cumulative_outputs() -> None:
+    relay, _ = make_relay()
+    seen: list[Any] = []
+    client = SlowClient()
+    inner_send = client.send
+
+    def send(f: Any, text: str, num_tokens: int, reason: str | None, final: bool) -> bool:
+        seen.append(dict(f.extras))
+        return inner_send(f, text, num_tokens, reason, final)
+
+    client.send = send  # type: ignore[method-assign]
+    f = Flight("r1", "m", "c", 0.0, 1.0, 1, 3, stream=True, payload=None, sink=client)
+    sink = relay.sink(client, lambda: None)
+    for i, final in enumerate((False, False, True)):
+        f.extras["cumulative_logprob"] = -float(i)
+        sink.send(f, f"t{i}", 1, "length" if final else None, final)
+        if i == 0:
+            client.entered.wait(5)
+    client.release.set()
+    relay.close()
+    assert client.sent == [("t0", 1, None, False), ("t1t2", 2, "length", True)]
+    assert [x["cumulative_logprob"] for x in seen] == [0.0, -2.0]
 
 
 def test_an_error_drops_what_had_not_left_and_follows_what_had() -> None:
