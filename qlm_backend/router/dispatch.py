@@ -159,6 +159,27 @@ class EngineServer:
             stream.cancel()
         raise EngineError(f"{model}: no reply to {op}", unavailable=True)
 
+    async def wait_unloaded(self, model: str, timeout_s: float, poll_s: float = 0.2) -> float:
+        """Seconds until the repository index shows `model` neither loaded nor unloading.
+
+        Triton 2.51's unload returns when the unload begins; the engine's process then takes
+        seconds to stop and free its memory (docs/engines.md). On a GPU the incoming engine needs
+        that memory, so a cold swap waits for it before loading."""
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while True:
+            index = await self.client.get_model_repository_index(headers=self.headers, as_json=True)
+            states = {m.get("state") for m in index.get("models", []) if m.get("name") == model}
+            if not states & {"READY", "UNLOADING"}:
+                return loop.time() - t0
+            if loop.time() - t0 >= timeout_s:
+                raise EngineError(
+                    f"{model}: still {sorted(s for s in states if s)} {timeout_s:g} s after "
+                    "its unload",
+                    unavailable=True,
+                )
+            await asyncio.sleep(poll_s)
+
     async def is_ready(self, model: str) -> bool:
         try:
             return bool(await self.client.is_model_ready(model))

@@ -54,6 +54,10 @@ class EngineClient(Protocol):
 
     async def unload(self, model: str) -> None: ...
 
+    async def wait_unloaded(self, model: str, timeout_s: float) -> float:
+        """Seconds until `model` is fully unloaded (its memory free); EngineError past timeout_s."""
+        ...
+
     async def control(self, model: str, op: ControlOp) -> ControlReply:
         """Sleep, wake or ask the state of a running engine (engines that can sleep only)."""
         ...
@@ -276,6 +280,11 @@ class StreamDriver:
                 self.asleep.discard((instance, model))
                 self.log("warn", f"{instance}: {model} could not sleep ({e}); unloading it")
         await client.unload(name)
+        if self.warm_mode(instance) != "load":
+            # A real engine holds its memory until its process has stopped, seconds after the
+            # unload returned: the incoming engine loads only then (on a GPU it would not fit).
+            waited = await client.wait_unloaded(name, self.load_timeout_s)
+            self.log("info", f"{instance}: {model} unloaded in {waited:.1f} s")
 
     async def _wake(self, client: EngineClient, instance: str, model: str) -> bool:
         """Wake a sleeping engine; False (then it loads cold) if it is gone or would not wake."""

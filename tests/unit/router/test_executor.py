@@ -133,6 +133,10 @@ class FakeServer:
         self.asleep.discard(model)
         self.dead.discard(model)
 
+    async def wait_unloaded(self, model: str, timeout_s: float) -> float:
+        self.log.append(("unloaded", model))
+        return 0.0
+
     async def control(self, model: str, op: str) -> ControlReply:
         self.log.append((op, model))
         if model not in self.ready:
@@ -626,7 +630,13 @@ def test_an_engine_that_does_not_wake_is_loaded_cold_and_counted_cold() -> None:
         rig.ex.execute(SwapModel("i-0", "llama-2-13b", "mistral-7b", warm=True), 0.0)
         await rig.until(lambda: rig.ex.model_of["i-0"] == "mistral-7b")
         # Not kept warm this time (no KeepWarm): llama is unloaded; mistral's wake fails: a load.
-        assert rig.server.log == [("unload", L), ("wake", M), ("load", M, None), ("loaded", M)]
+        assert rig.server.log == [
+            ("unload", L),
+            ("unloaded", L),  # fully gone before the incoming engine starts
+            ("wake", M),
+            ("load", M, None),
+            ("loaded", M),
+        ]
         assert rig.ex.counters["swap_model_warm"] == 0
         assert rig.ex.counters["swap_model_cold"] == 2
 
@@ -691,7 +701,8 @@ def test_an_engine_without_warm_start_swaps_cold_whatever_the_plan_says() -> Non
         rig.ex.execute(KeepWarm("llama-2-13b", "i-0"), 0.0)  # the host claims it keeps it
         rig.ex.execute(SwapModel("i-0", "mistral-7b", "llama-2-13b", warm=True), 0.0)
         await rig.until(lambda: rig.ex.model_of["i-0"] == "llama-2-13b")
-        assert rig.server.log == [("unload", M), ("load", L, None), ("loaded", L)]
+        # A real engine: the incoming one loads only once the outgoing one is fully unloaded.
+        assert rig.server.log == [("unload", M), ("unloaded", M), ("load", L, None), ("loaded", L)]
         assert rig.ex.counters["swap_model_cold"] == 1
         assert rig.ex.counters["swap_model_warm"] == 0
 
