@@ -8,7 +8,9 @@
                [--max-tokens-limit N] [--max-stop N]
 
 `make serve` (qlm-serve) starts it beside Triton; `docs/openai.md` has the API, headers and class
-mapping. `--show-config` prints the resolved models, classes and mapping and exits.
+mapping. `--show-config` prints the resolved models, classes and mapping and exits. The prompt cap
+defaults to the router's `max_prompt_bytes` (its router.json in --model-repository), the body cap to
+room for such a prompt.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from pathlib import Path
 
 from qlm_backend.openai_front.config import (
     API_KEY_ENV,
+    BODY_PER_PROMPT_BYTE,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_MESSAGES,
-    DEFAULT_MAX_PROMPT_BYTES,
     DEFAULT_MAX_STOP,
     DEFAULT_PORT,
     FrontConfig,
     FrontConfigError,
+    default_body_bytes,
+    router_config,
     router_fleet,
 )
 from qlm_backend.openai_front.slo import SloConfigError, load_slo_mapping
@@ -80,8 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     caps.add_argument(
         "--max-body-bytes",
         type=int,
-        default=DEFAULT_MAX_BODY_BYTES,
-        help=f"request body bytes; more is a 413 (default {DEFAULT_MAX_BODY_BYTES})",
+        help="request body bytes; more is a 413 (default: room for the prompt cap's prompt, "
+        f"{BODY_PER_PROMPT_BYTE}x it, at least {DEFAULT_MAX_BODY_BYTES})",
     )
     caps.add_argument(
         "--max-messages",
@@ -92,9 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     caps.add_argument(
         "--max-prompt-bytes",
         type=int,
-        default=DEFAULT_MAX_PROMPT_BYTES,
-        help="UTF-8 bytes of the prompt after the chat template (default "
-        f"{DEFAULT_MAX_PROMPT_BYTES}, the router's max_prompt_bytes)",
+        help="UTF-8 bytes of the prompt after the chat template (default: the router's "
+        "max_prompt_bytes, from its router.json)",
     )
     caps.add_argument(
         "--max-tokens-limit",
@@ -113,8 +116,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def prompt_cap(a: argparse.Namespace, router_max: int) -> int:
+    """--max-prompt-bytes, else the router's own cap: the front then refuses exactly what the router
+    would. A cap above the router's only moves the refusal to the router: said on stderr."""
+    if a.max_prompt_bytes is None:
+        return router_max
+    if a.max_prompt_bytes > router_max:
+        print(
+            f"qlm-openai: --max-prompt-bytes {a.max_prompt_bytes} is above the router's "
+            f"max_prompt_bytes {router_max}: prompts in between pass here and the router refuses "
+            "them",
+            file=sys.stderr,
+        )
+    return int(a.max_prompt_bytes)
+
+
 def build_config(a: argparse.Namespace) -> FrontConfig:
-    fleet = router_fleet(a.model_repository, a.router, a.fleet)
+    settings = router_config(a.model_repository, a.router)
+    fleet = router_fleet(a.model_repository, a.router, a.fleet, settings)
+    max_prompt = prompt_cap(a, settings.max_prompt_bytes)
+    max_body = a.max_body_bytes if a.max_body_bytes is not None else default_body_bytes(max_prompt)
     templates: dict[str, ChatTemplate] = {}
     for spec in a.tokenizer:
         model, sep, directory = spec.partition("=")
@@ -138,9 +159,9 @@ def build_config(a: argparse.Namespace) -> FrontConfig:
         default_max_tokens=a.default_max_tokens,
         status_wait_s=a.status_wait_s,
         retry_after_s=a.retry_after_s,
-        max_body_bytes=a.max_body_bytes,
+        max_body_bytes=max_body,
         max_messages=a.max_messages,
-        max_prompt_bytes=a.max_prompt_bytes,
+        max_prompt_bytes=max_prompt,
         max_tokens_limit=a.max_tokens_limit,
         max_stop=a.max_stop,
     )
@@ -183,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                 "max_body_bytes": cfg.max_body_bytes,
                 "max_messages": cfg.max_messages,
                 "max_prompt_bytes": cfg.max_prompt_bytes,
+                "router_max_prompt_bytes": router_config(
+                    a.model_repository, a.router
+                ).max_prompt_bytes,
                 "max_tokens_limit": cfg.max_tokens_limit,
                 "max_stop": cfg.max_stop,
             },

@@ -5,14 +5,21 @@ child in qlm-serve's own process group, so Ctrl-C reaches both; it is stopped wi
 stops by itself if qlm-serve is killed). It also supervises the router: when the router's stub dies,
 Triton 2.51 reloads nothing, so qlm-serve unloads and loads it again (triton/supervisor.py;
 --no-supervise turns it off).
+
+qlm-openai gets qlm-serve's --host, --openai-port, --model-repository and --fleet, the server's gRPC
+address, and any --openai-arg; its size caps default to the router's (router.json in the same
+repository), so they agree with the router without a flag here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from qlm_backend.openai_front import cli as openai_cli
 from qlm_backend.openai_front.config import DEFAULT_PORT as OPENAI_PORT
 from qlm_backend.router.config import FLEET_ENV
 from qlm_backend.triton.installation import TritonNotFound, default_cache_dir, find_triton
@@ -104,6 +112,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-openai", action="store_true", help="do not start qlm-openai")
     p.add_argument(
+        "--openai-arg",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="more qlm-openai arguments, shell-quoted, e.g. --openai-arg='--max-tokens-limit 4096' "
+        "(its size caps default to the router's; docs/openai.md)",
+    )
+    p.add_argument(
         "--no-supervise",
         action="store_true",
         help="do not reload the router when its stub dies (docs/reliability.md, the router's own crash)",
@@ -119,7 +135,49 @@ def openai_command(a: argparse.Namespace, repo: Path, grpc_url: str) -> list[str
     cmd += ["--model-repository", str(repo), "--parent-pid", str(os.getpid())]
     if a.fleet:
         cmd += ["--fleet", str(a.fleet.resolve())]
+    for extra in getattr(a, "openai_arg", []):
+        try:
+            cmd += shlex.split(extra)
+        except ValueError as e:  # unbalanced quotes
+            raise LaunchError(f"--openai-arg {extra!r}: {e}") from None
     return cmd
+
+
+# qlm-openai's settings that qlm-serve decides (they must match its server and its own checks).
+OWN_SETTINGS = {
+    "host": "--host",
+    "port": "--openai-port",
+    "triton_grpc": "--grpc-port",
+    "router": "the router it loads",
+    "model_repository": "--model-repository",
+    "fleet": "--fleet",
+    "parent_pid": "its own pid",
+    "show_config": "nothing: qlm-openai would exit",
+}
+
+
+def check_openai(a: argparse.Namespace, cmd: list[str]) -> None:
+    """Refuse --openai-arg that qlm-openai would refuse (its own parser and checks, before Triton
+    starts), or that overrides what qlm-serve sets."""
+    args = cmd[3:]  # after `python -m qlm_backend.openai_front`
+    n_own = len(args) - sum(len(shlex.split(x)) for x in a.openai_arg)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(err):
+            mine = openai_cli.parse_args(args[:n_own])
+            full = openai_cli.parse_args(args)
+    except SystemExit:
+        lines = err.getvalue().strip().splitlines()
+        raise LaunchError(f"--openai-arg: {lines[-1] if lines else 'refused'}") from None
+    for dest, owner in OWN_SETTINGS.items():
+        if getattr(full, dest) != getattr(mine, dest):
+            flag = "--" + dest.replace("_", "-")
+            raise LaunchError(f"--openai-arg: qlm-openai's {flag} is set by qlm-serve ({owner})")
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # its notes are printed when it starts
+            openai_cli.build_config(full)
+    except (ValueError, OSError) as e:
+        raise LaunchError(f"--openai-arg: qlm-openai: {e}") from None
 
 
 def start_openai(cmd: list[str], url: str, timeout_s: float = 30.0) -> subprocess.Popen[bytes]:
@@ -192,10 +250,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"port {a.openai_port} (qlm-openai) is already in use on {a.host} "
                 "(pass --openai-port N or --no-openai)"
             )
+        if with_openai:
+            check_openai(a, openai_command(a, repo, server.grpc_url))
+        elif a.openai_arg:
+            raise LaunchError("--openai-arg: no qlm-openai is started (--no-openai, or no router)")
         if a.dry_run:
             print(" ".join(server.command()))
             if with_openai:
-                print(" ".join(openai_command(a, repo, server.grpc_url)))
+                print(shlex.join(openai_command(a, repo, server.grpc_url)))
             return 0
     except (LaunchError, TritonNotFound, PortInUse, ValueError) as e:
         print(f"qlm-serve: error: {e}", file=sys.stderr)

@@ -11,6 +11,9 @@ their response factories forever, and neither the unload nor the load ends them 
 
 The decision logic (`step`, `loaded`, `unloaded`) is pure: time is an argument, observations come
 in, actions and log lines go out; `RouterSupervisor` is the thread that observes and acts.
+
+`python3 -m qlm_backend.triton.supervisor` runs it beside a tritonserver that qlm-serve did not
+start (the compose deployment's `triton` container): supervisor_cli.py.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import sys
 import threading
 import time
 import urllib.error
@@ -33,6 +37,7 @@ from qlm_backend.triton.server import admin_headers
 STUB_BINARY = "triton_python_backend_stub"
 # What a repository API call raises when the server refuses, breaks the connection or is gone.
 API_ERRORS = (OSError, RuntimeError, ValueError, http.client.HTTPException)
+UNREADABLE_NOTE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,12 @@ def pid_alive(pid: int, start: int | None = None) -> bool:
     return now is not None and (start is None or now == start)
 
 
+def log_line(model: str, message: str) -> str:
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+    return f"{stamp}.{int(now * 1000) % 1000:03d} supervisor: {model}: {message}"
+
+
 class RepositoryApi:
     """Triton's model repository API over HTTP, with qlm-serve's admin key."""
 
@@ -243,6 +254,7 @@ class RouterSupervisor:
         self.recoveries = 0
         self._pid: int | None = None
         self._start: int | None = None  # the stub's start time: a reused pid is not the stub
+        self._unreadable_at: float | None = None  # when that was last said
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{model}-supervisor", daemon=True)
 
@@ -262,10 +274,13 @@ class RouterSupervisor:
         if self._thread.is_alive():
             self._thread.join(timeout=timeout_s)
 
+    @property
+    def running(self) -> bool:
+        """Whether it supervises (start() found the stub) and has not been stopped."""
+        return self._thread.is_alive()
+
     def _say(self, message: str) -> None:
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
-        self.log(f"{stamp}.{int(now * 1000) % 1000:03d} supervisor: {self.model}: {message}")
+        self.log(log_line(self.model, message))
 
     def _stub_alive(self) -> bool:
         # The known stub is checked with one file read; the group is scanned only when it is gone.
@@ -292,9 +307,16 @@ class RouterSupervisor:
             try:
                 state = self.api.state(self.model)
             except API_ERRORS as e:
-                # The server itself is gone or stopping: nothing to decide (qlm-serve notices).
-                self._say(f"repository index unreadable ({e}); looking again")
+                # The server itself is gone or stopping: nothing to decide (qlm-serve notices; a
+                # standalone supervisor ends with its container). A stopping server closes its HTTP
+                # endpoint before its stubs exit, so this would repeat every poll: said once, then
+                # every UNREADABLE_NOTE_S.
+                now = self.clock()
+                if self._unreadable_at is None or now - self._unreadable_at >= UNREADABLE_NOTE_S:
+                    self._say(f"repository index unreadable ({e}); looking again")
+                    self._unreadable_at = now
                 return
+        self._unreadable_at = None
         self.watch, action = step(w, self.cfg, self.clock(), alive, state)
         if action.log:
             self._say(
@@ -322,3 +344,9 @@ class RouterSupervisor:
         self.watch, action = outcome(self.watch, self.cfg, self.clock(), ok, error)
         if action.log:
             self._say(f"{action.log} [{call.__name__} took {(self.clock() - t0) * 1000:.0f} ms]")
+
+
+if __name__ == "__main__":
+    from qlm_backend.triton.supervisor_cli import main
+
+    sys.exit(main())

@@ -5,7 +5,10 @@ ModelConfig proto and declares the contract of its kind (our vLLM engine model: 
 with `priority`; `--engine vllm`, Triton's stock vllm_backend: its own), its model.json fits the
 fleet's GPUs and passes our engine's validation as on a GPU; the router and fleet parse with the
 router's own parsers and drive each engine kind as it can be driven; the repository is what
-qlm_backend.deploy generates; the Dockerfile's base image is pinned >= 25.08 and its COPY sources exist.
+qlm_backend.deploy generates; the Dockerfile's base image is pinned >= 25.08 and its COPY sources exist;
+the router's server starts the router's supervisor in its container, qlm-openai runs on the same image
+in front of the router (its command parses with its own parser), and Prometheus scrapes it and sends
+its alerts to the compose file's Alertmanager.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import filecmp
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,7 +36,9 @@ from qlm_backend.core.fleet import parse_fleet
 from qlm_backend.core.slo import DEFAULT_SLO_CLASSES
 from qlm_backend.engine import hardware as hw
 from qlm_backend.engine.perf import PerfModel, required_tp
+from qlm_backend.openai_front import cli as openai_cli
 from qlm_backend.router.config import RouterConfig, load_router_config
+from qlm_backend.triton import supervisor_cli
 from qlm_backend.triton.repository import split_engine_name
 from qlm_backend.vllm_engine.config import EngineArgsError, check_repository, parse_engine_args
 from qlm_backend.vllm_engine.devices import check_instance_kind, cuda_visible_devices
@@ -85,12 +91,26 @@ def _compose():
     return _yaml(DOCKER / "docker-compose.yml")
 
 
+# How the `triton` service starts its router's supervisor, then becomes tritonserver with the rest of
+# its command line as arguments ($$: compose's escape for a literal $).
+EXEC_TRITON = 'exec tritonserver "$$@"'
+
+
 def _triton_services(compose) -> dict[str, dict]:
+    """The services that run tritonserver: directly, or through `sh -c '... & exec tritonserver'`."""
     return {
         name: svc
         for name, svc in compose["services"].items()
-        if "tritonserver" in (svc.get("command") or [])
+        if (svc.get("command") or [None])[0] == "tritonserver"
+        or (svc.get("command") or [None])[:2] == ["sh", "-c"]
+        and svc["command"][2].endswith(EXEC_TRITON)
     }
+
+
+def _server_args(svc: dict) -> list[str]:
+    """tritonserver's arguments: after the binary, or after sh's script and its $0."""
+    cmd = svc["command"]
+    return cmd[1:] if cmd[0] == "tritonserver" else cmd[4:]
 
 
 def _flags(cmd: list[str], flag: str) -> list[str]:
@@ -424,7 +444,7 @@ def test_compose_runs_every_server_with_explicit_control_and_a_restricted_reposi
     loads = deploy.initial_loads(fleet, pl)
     prefixes = set()
     for name, svc in servers.items():
-        cmd = svc["command"]
+        cmd = _server_args(svc)
         assert "--model-control-mode=explicit" in cmd
         assert _flags(cmd, "--model-repository") == ["/models"]
         assert _flags(cmd, "--load-model") == loads[name]
@@ -450,9 +470,122 @@ def test_compose_runs_every_server_with_explicit_control_and_a_restricted_reposi
     assert {"8000:8000", "8001:8001", "8002:8002"} <= set(servers["triton"]["ports"])
 
 
+def _router_server(compose) -> tuple[str, dict]:
+    """The Triton service that loads the router."""
+    (found,) = [
+        (n, s)
+        for n, s in _triton_services(compose).items()
+        if "qlm" in _flags(_server_args(s), "--load-model")
+    ]
+    return found
+
+
+def _container_port(published: str) -> int:
+    return int(published.rsplit(":", 1)[1])
+
+
+def test_the_router_server_runs_the_routers_supervisor_beside_tritonserver():
+    """`sh -c 'python3 -m qlm_backend.triton.supervisor ... & exec tritonserver "$@"'`: the supervisor
+    shares the server's container (its PID namespace: it reads the stub's /proc entry) and parses
+    with its own parser; tritonserver replaces sh (the main process, the one docker stop signals).
+    The other servers hold no router and run tritonserver directly."""
+    compose = _compose()
+    name, svc = _router_server(compose)
+    script = svc["command"][2]
+    assert script.count("$") == 2  # only "$$@": any other $ would be compose's interpolation
+    supervisor, sep, rest = script.partition(" & ")
+    assert sep and rest == EXEC_TRITON
+    words = shlex.split(supervisor)
+    assert words[:3] == ["python3", "-m", "qlm_backend.triton.supervisor"]
+    args = _server_args(svc)
+    # The repository is the server's (/models, mounted from ./model_repository): parsed here with
+    # the directory the container mounts there.
+    (repo,) = _flags(args, "--model-repository")
+    mounts = dict(v.split(":")[:2] for v in svc["volumes"])
+    assert mounts["./model_repository"] == repo
+    cfg = supervisor_cli.parse_args([w.replace(repo, str(REPO)) for w in words[3:]])
+    assert cfg.address == f"127.0.0.1:{_flags(args, '--http-port')[0]}"
+    assert cfg.model == "qlm" and cfg.model_repository == REPO
+    # Its admin key is the servers' ($QLM_ADMIN_KEY, the default of --admin-key).
+    assert "--admin-key" not in words and svc["environment"][ADMIN_ENV].startswith("${" + ADMIN_ENV)
+    # It waits for the router's first READY at least as long as the healthcheck waits for the server.
+    start_period = svc["healthcheck"]["start_period"]
+    assert start_period.endswith("m") and cfg.wait_s >= 60 * int(start_period[:-1])
+    for other, osvc in _triton_services(compose).items():
+        if other != name:
+            assert osvc["command"][0] == "tritonserver", other
+
+
+def _openai_args(svc: dict):
+    cmd = svc["command"]
+    assert cmd[:3] == ["python3", "-m", "qlm_backend.openai_front"]
+    return openai_cli.parse_args(cmd[3:])
+
+
+def test_qlm_openai_runs_on_the_image_in_front_of_the_router(monkeypatch):
+    compose = _compose()
+    svc = compose["services"]["qlm-openai"]
+    router_name, router_svc = _router_server(compose)
+    assert svc["image"] == router_svc["image"] and svc["build"] == router_svc["build"]
+    monkeypatch.delenv("QLM_OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("QLM_FLEET", raising=False)
+    a = _openai_args(svc)
+    assert a.host == "0.0.0.0"
+    assert f"{a.port}:{a.port}" in svc["ports"]
+    router_args = _server_args(router_svc)
+    assert a.triton_grpc == f"{router_name}:{_flags(router_args, '--grpc-port')[0]}"
+    assert a.router == "qlm" and "qlm" in _flags(router_args, "--load-model")
+    # The router's repository, mounted where the router's server has it.
+    mounts = dict(v.split(":")[:2] for v in svc["volumes"])
+    assert str(a.model_repository) == mounts["./model_repository"]
+    assert _flags(router_args, "--model-repository") == [str(a.model_repository)]
+    # The API key only from the environment, optional (an empty value: open).
+    assert (
+        a.api_key is None and svc["environment"]["QLM_OPENAI_API_KEY"] == "${QLM_OPENAI_API_KEY:-}"
+    )
+    # What it serves from that repository: the fleet's models and the router's own prompt cap.
+    a.model_repository = REPO
+    cfg = openai_cli.build_config(a)
+    _, fleet, _ = _fleet()
+    assert set(cfg.fleet.models) == set(fleet.models)
+    assert cfg.max_prompt_bytes == _router_config(REPO).max_prompt_bytes
+    assert svc["depends_on"] == {router_name: {"condition": "service_healthy"}}
+    probe = " ".join(svc["healthcheck"]["test"])
+    assert f"http://localhost:{a.port}/health" in probe
+    # The image carries qlm-openai's dependencies and imports it (and the supervisor) at build.
+    run = " ".join(ln for ln in _dockerfile_lines() if ln.upper().startswith("RUN "))
+    for dep in ('"fastapi', '"uvicorn', '"jinja2'):
+        assert dep in run
+    assert "qlm_backend.openai_front.app" in run and "qlm_backend.triton.supervisor_cli" in run
+
+
+def test_alertmanager_receives_prometheus_alerts():
+    compose = _compose()
+    svc = compose["services"]["alertmanager"]
+    image, _, tag = svc["image"].partition(":")
+    assert image == "prom/alertmanager" and re.fullmatch(r"v\d+\.\d+\.\d+", tag)  # pinned
+    (port,) = {_container_port(p) for p in svc["ports"]}
+    assert all(p.startswith("127.0.0.1:") for p in svc["ports"])  # no authentication: host only
+    mounts = dict(v.split(":")[:2] for v in svc["volumes"])
+    (config,) = _flags(svc["command"], "--config.file")
+    am = _yaml(DOCKER / [src for src, dst in mounts.items() if dst == config][0])
+    receivers = {r["name"] for r in am["receivers"]}
+    routes = [am["route"], *am["route"].get("routes", [])]
+    assert all(r.get("receiver", am["route"]["receiver"]) in receivers for r in routes)
+    # The rules' severities: critical alerts have their own route, warnings take the default one.
+    severities = {r["labels"]["severity"] for rs in _rules().values() for r in rs if "alert" in r}
+    assert severities == {"warning", "critical"}
+    assert any('severity="critical"' in r.get("matchers", []) for r in routes)
+    prom = _yaml(DOCKER / "prometheus" / "prometheus.yml")
+    (am_cfg,) = prom["alerting"]["alertmanagers"]
+    targets = {t for sc in am_cfg["static_configs"] for t in sc["targets"]}
+    assert targets == {f"alertmanager:{port}"}
+    assert "alertmanager" in compose["services"]["prometheus"]["depends_on"]
+
+
 def test_compose_mounts_exist_and_monitoring_services_are_defined():
     compose = _compose()
-    assert {"prometheus", "grafana"} <= set(compose["services"])
+    assert {"prometheus", "grafana", "alertmanager", "qlm-openai"} <= set(compose["services"])
     for name, svc in compose["services"].items():
         build = svc.get("build")
         if build:
@@ -472,9 +605,11 @@ def test_prometheus_scrapes_every_triton_metrics_port_and_loads_the_rules():
     # The alert rules match job="triton" (QLMTritonDown, QLMEngineMetricsAbsent).
     targets = {t for sc in jobs["triton"]["static_configs"] for t in sc["targets"]}
     assert targets == {f"{s}:8002" for s in deploy.server_gpus(pl)}
-    # The compose file does not run qlm-openai: its scrape job is there, commented out.
-    assert "qlm-openai" not in _compose()["services"] and "qlm-openai" not in jobs
-    assert "# - job_name: qlm-openai" in (DOCKER / "prometheus" / "prometheus.yml").read_text()
+    # qlm-openai's own metrics, on its published port (QLMOpenAIDown matches job="qlm-openai").
+    openai = _compose()["services"]["qlm-openai"]
+    (target,) = [t for sc in jobs["qlm-openai"]["static_configs"] for t in sc["targets"]]
+    assert target == f"qlm-openai:{_openai_args(openai).port}"
+    assert jobs["qlm-openai"]["metrics_path"] == "/metrics"
     # rule_files (relative to the config) reach the rules the compose file mounts beside it.
     mounts = dict(v.split(":")[:2] for v in _compose()["services"]["prometheus"]["volumes"])
     assert mounts["./prometheus/rules"] == "/etc/prometheus/rules"
