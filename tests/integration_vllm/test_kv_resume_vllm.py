@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import ADMIN_KEY, VllmServer
-from tries import Tries
+from tries import Tries, cancel_cause
 from vllm_client import Stream, generate, make_inputs
 
 from qlm_backend.engine.hardware import KV_BLOCK_TOKENS
@@ -149,10 +149,7 @@ def _stream_then_cancel(vs: VllmServer, prompt: str) -> tuple[list[str], int, An
     [(rid, t)] = mine.items()
     if parse_trace_text(log)[rid]["reason"] == "abort":
         return texts, produced, "judged"
-    if cancelled >= t["finished"]:
-        return texts, produced, "client_stall"
-    told = f"request {rid} cancelled by the client" in log
-    return texts, produced, "engine_fault" if told else "frontend_lost_cancel"
+    return texts, produced, cancel_cause(cancelled, t["finished"], log, [rid])
 
 
 def test_a_resume_after_an_abort_hits_the_prefix_cache_and_one_after_a_reset_does_not(

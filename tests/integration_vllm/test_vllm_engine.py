@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import MAX_NUM_SEQS, VllmServer
-from tries import Tries
+from tries import Tries, cancel_cause
 from vllm_client import ALL_OUTPUTS, Stream, generate, make_inputs
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
@@ -207,14 +207,7 @@ def test_cancel_mid_stream_aborts_engine_request(vllm_server: VllmServer) -> Non
         traces = {r: t for r, t in vllm_server.traces().items() if t["arrival"] >= sent}
         finished = max((t["finished"] for t in traces.values()), default=math.inf)
         log = vllm_server.log_path.read_text(errors="replace")
-        # The engine logs each cancel it is told of: told and still ran out is our engine's fault;
-        # never told, Triton's frontend lost it.
-        told = any(f"request {r} cancelled by the client" in log for r in traces)
-        cause = (
-            "client_stall"
-            if cancelled >= finished
-            else ("engine_fault" if told else "frontend_lost_cancel")
-        )
+        cause = cancel_cause(cancelled, finished, log, traces)
         tries.add(cause, generated=generated, cancel_after_end_s=round(cancelled - finished, 3))
     tries.done(vllm_server.figures)
     assert aborted == 1

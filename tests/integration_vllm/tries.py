@@ -16,6 +16,7 @@ Every try goes to results/integration_vllm.json (`tries`), with its evidence.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +34,25 @@ NOT_JUDGED: tuple[Cause, ...] = ("precondition", "client_stall", "frontend_lost_
 # try in five on a loaded VM. The bounds leave room for that and catch a systematic failure.
 MAX_UNJUDGED_SHARE = 0.5
 MAX_FRONTEND_LOST_SHARE = 0.5
+
+
+# A cancel crosses the client's gRPC stream, Triton's frontend and the stub before the engine sees
+# it: one sent this little before the engine finished could not have stopped it (seen: 7 and 14 ms
+# before the end, on a VM loaded by another run, classed as lost by the frontend before).
+CANCEL_TRANSIT_S = 0.05
+
+
+def cancel_cause(
+    cancelled_s: float, finished_s: float, engine_log: str, request_ids: Iterable[str]
+) -> Cause:
+    """Why a stream this client cancelled ran to its end, from evidence: the cancel left after the
+    engine had finished, or too close to it to arrive (the client read its replies late), or the engine was told of it and kept
+    generating (its fault), or it was never told (Triton's frontend lost the cancel). The engine
+    logs every cancel it is told of ("request <id> cancelled by the client")."""
+    if cancelled_s >= finished_s - CANCEL_TRANSIT_S:
+        return "client_stall"
+    told = any(f"request {r} cancelled by the client" in engine_log for r in request_ids)
+    return "engine_fault" if told else "frontend_lost_cancel"
 
 
 @dataclass
