@@ -6,7 +6,7 @@ be the same in all three and the same as vllm_backend's: a streaming request get
 engine step carrying what is new since the previous one; a non-streaming request gets one final
 response carrying everything, the prompt first unless `exclude_input_in_output`. `Responder` holds
 that rule; the table of every output per mode is in docs/request-contract.md ("Conformance with
-vllm_backend"), and tests/unit/test_conformance.py checks it case by case.
+vllm_backend"), and tests/unit/test_conformance_matrix.py checks it case by case.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The vllm_backend conformance table through a real tritonserver: a simulated engine and `qlm`.
 
 docs/request-contract.md ("Conformance with vllm_backend") has the rules; tests/unit/
-test_conformance.py checks the full matrix on the shared response code. Here a sub-matrix goes over
+test_conformance_matrix.py checks the full matrix on the shared response code. Here a sub-matrix goes over
 gRPC to the engine model and to `qlm`: every stream x logprobs x exclude_input_in_output
 combination with all five return_* flags, and again with a smaller flag set in rotation. What a
 client receives is checked (tensor set, datatype, shape as the gRPC response declares it, values),

@@ -1,7 +1,7 @@
 """The vllm_backend conformance table on the real vLLM engine, directly and through `qlm-vllm`.
 
 docs/request-contract.md ("Conformance with vllm_backend") has the rules; tests/unit/
-test_conformance.py checks every combination on the shared response code. Here every stream x
+test_conformance_matrix.py checks every combination on the shared response code. Here every stream x
 logprobs (absent, 0, 2) x exclude_input_in_output combination, with all five return_* flags, goes
 over gRPC to the engine model and to the router: the tensor set, datatype and shape a client
 receives, the values against vLLM's rules, and the router's values against the engine's (greedy

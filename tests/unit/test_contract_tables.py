@@ -244,7 +244,7 @@ def test_output_arrays_follow_the_engine_table():
     everything = output_arrays(frozenset(RETURN_FLAGS), "x", "stop", -1.5, "[]", 3, 2)
     assert list(everything) == list(names(ENGINE_OUTPUTS))
     for s in ENGINE_OUTPUTS:
-        # num_input_tokens is 0-d, as vllm_backend sends it (tests/unit/test_conformance.py).
+        # num_input_tokens is 0-d, as vllm_backend sends it (tests/unit/test_conformance_matrix.py).
         shape = () if s.name == "num_input_tokens" else (1,)
         assert everything[s.name].dtype == s.numpy_dtype and everything[s.name].shape == shape
     assert list(output_arrays(frozenset(), "x", None, 0.0, None, 3, 2)) == ["text_output"]
