@@ -16,7 +16,8 @@ Definitions the report uses:
 - *waiting*: what would be lost but for its SLO: no first token yet when its client gave up (or the
   run ended), and its class's TTFT SLO had not run out. The router owes it nothing yet (a batch-2
   request may wait an hour), so a client deadline shorter than the SLO cannot judge it; counted
-  apart (the 10-minute run's one "lost" request, sent during a 10x burst, was of this shape).
+  apart (a 10-minute run's one "lost" request was a batch-2 request sent at the end of a 10x
+  burst; whether it had a token by then was not recorded).
 - *recovery* of a fault: from its start to the end of the first request served normally (completed
   with TTFT within its class SLO) by the part the fault hit, among requests sent after the fault
   (after its window, for the load-shaped faults). For the router (reload, crash) and the load shapes
