@@ -42,7 +42,7 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +79,17 @@ from qlm_backend.triton.supervisor import (
 
 ROUTER, MODEL = "qlm", "mistral-7b"
 SERVERS = {"e1": (("e1-a10-0", "A10"), ("e1-a10-1", "A10")), "e2": (("e2-a100-0", "A100-80G"),)}
-CLASSES = tuple(c.name for c in DEFAULT_SLO_CLASSES)
-SLO_S = {c.name: c.ttft_slo_s for c in DEFAULT_SLO_CLASSES}
+# The shipped classes, but batch-2's TTFT SLO cut from 3600 s to 90 s: the router must end every
+# request it accepted (an answer or an explicit "request timed out") by its request_timeout_s, which
+# must exceed every SLO, and the bench sets it under its clients' deadline (--deadline-s less
+# TIMEOUT_MARGIN_S). Then a request its client saw nothing of is lost for certain, not a batch-2
+# request the router may still serve within its hour (a 10-minute run had eight such, 2026-12-02).
+CHAOS_CLASSES = tuple(
+    replace(c, ttft_slo_s=90.0) if c.name == "batch-2" else c for c in DEFAULT_SLO_CLASSES
+)
+CLASSES = tuple(c.name for c in CHAOS_CLASSES)
+SLO_S = {c.name: c.ttft_slo_s for c in CHAOS_CLASSES}
+TIMEOUT_MARGIN_S = 10.0  # the router's timeout error reaches the client before its own deadline
 CLASS_SHARES = {"interactive": 0.4, "batch-1": 0.3, "batch-2": 0.3}  # as the soak's trace replay
 GAP_S = 1.0  # quiet time between one fault's end and the next one's start
 
@@ -92,6 +101,7 @@ class Fleet:
     time_scale: float
     max_num_seqs: int
     log: Any
+    request_timeout_s: float = 7200.0  # the router's (wall seconds)
     admin_key: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     servers: dict[str, TritonServer] = field(default_factory=dict)
     loads: dict[str, list[str]] = field(default_factory=dict)
@@ -131,9 +141,26 @@ class Fleet:
             where.update({iid: f"grpc://{self.servers[name].grpc_url}" for iid, _ in insts})
         repo = self.base / "router"
         repo.mkdir(parents=True)
-        (repo / "fleet.json").write_text(json.dumps({"instances": instances}, indent=2))
+        classes = [
+            {
+                "name": c.name,
+                "ttft_slo_s": c.ttft_slo_s,
+                "weight": c.weight,
+                "sheddable": c.sheddable,
+                "priority": c.priority,
+            }
+            for c in CHAOS_CLASSES
+        ]
+        fleet = {"instances": instances, "slo_classes": classes}
+        (repo / "fleet.json").write_text(json.dumps(fleet, indent=2))
         write_router(
-            repo, {"policy": "qlm", "time_scale": self.time_scale, "instance_servers": where}
+            repo,
+            {
+                "policy": "qlm",
+                "time_scale": self.time_scale,
+                "instance_servers": where,
+                "request_timeout_s": self.request_timeout_s,
+            },
         )
         self.loads["router"] = [ROUTER]
         self.servers["router"] = self._server("router", repo, 0)
@@ -743,7 +770,15 @@ def report_lines(rep: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    p = _parser()
+    a = p.parse_args(argv)
+    slo_max_s = max(SLO_S.values()) * a.time_scale
+    if a.deadline_s - TIMEOUT_MARGIN_S <= slo_max_s:
+        p.error(
+            f"--deadline-s: must exceed every class's TTFT SLO ({slo_max_s:g} s at this time "
+            f"scale) by more than {TIMEOUT_MARGIN_S:g} s: the router's request timeout sits "
+            f"between them; got {a.deadline_s:g}"
+        )
     duration = a.minutes * 60
     a.warmup_s = a.warmup_s if a.warmup_s is not None else max(8.0, 0.12 * duration)
     a.after_s = a.after_s if a.after_s is not None else max(10.0, 0.2 * duration)
@@ -751,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = tuple(k.strip() for k in a.faults.split(",") if k.strip())
     base = Path(tempfile.mkdtemp(prefix="qlm-bench-chaos-"))
     log_file = open(base / "chaos.log", "a", buffering=1)  # noqa: SIM115 - closed at the end
-    fleet = Fleet(base, a.time_scale, a.max_num_seqs, lambda m: print(m, file=log_file))
+    timeout_s = a.deadline_s - TIMEOUT_MARGIN_S
+    fleet = Fleet(base, a.time_scale, a.max_num_seqs, lambda m: print(m, file=log_file), timeout_s)
     fleet.build()
     durations = {"burst": win, "cancel-wave": win, "bad-input": win}
     durations |= {"server-restart": a.down_s, "router-reload": a.hold_s}
