@@ -207,6 +207,8 @@ RETURN_FLAGS = tuple(
     f"return_{s.name}" for s in ENGINE_OUTPUTS if f"return_{s.name}" in ENGINE_INPUT_NAMES
 )
 QLM_FIELDS = frozenset(names(QLM_INPUTS))
+# vllm_backend's own five (RETURN_FLAGS adds ours, return_num_cached_tokens).
+VLLM_BACKEND_FLAGS = tuple(s.name for s in VLLM_BACKEND_INPUTS if s.name.startswith("return_"))
 
 # The engine outputs the router's client consumes to drive the client's stream; the router
 # rebuilds them for each of its own responses.

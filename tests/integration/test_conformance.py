@@ -24,6 +24,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from streams import http_post, make_inputs
 
+from qlm_backend.contract import VLLM_BACKEND_FLAGS
+
 pytestmark = pytest.mark.timeout(180)
 
 ENGINE = "mistral-7b__a10-0"
@@ -31,13 +33,7 @@ ROUTER = "qlm"
 PROMPT = "Tell me about queues"  # 20 bytes: 5 simulated prompt tokens
 N_IN = 5
 MAX_TOKENS = 4
-FLAGS = (
-    "return_finish_reason",
-    "return_cumulative_logprob",
-    "return_logprobs",
-    "return_num_input_tokens",
-    "return_num_output_tokens",
-)
+FLAGS = VLLM_BACKEND_FLAGS  # the five return_* inputs vllm_backend reads
 SMALLER = (
     (),
     ("return_logprobs", "return_num_output_tokens"),

@@ -28,18 +28,14 @@ from vllm_client import ENGINE
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from streams import make_inputs  # noqa: E402
 
+from qlm_backend.contract import VLLM_BACKEND_FLAGS  # noqa: E402
+
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(180)]
 
 ROUTER, MODEL = "qlm-vllm", "tiny-llama"
 PROMPT = "The lighthouse keeper rose before the gulls"
 MAX_TOKENS = 4
-FLAGS = (
-    "return_finish_reason",
-    "return_cumulative_logprob",
-    "return_logprobs",
-    "return_num_input_tokens",
-    "return_num_output_tokens",
-)
+FLAGS = VLLM_BACKEND_FLAGS  # the five return_* inputs vllm_backend reads
 LAYOUT = {  # numpy dtype and shape a gRPC client gets, as from vllm_backend (n=1)
     "text_output": (np.object_, (1,)),
     "finish_reason": (np.object_, (1,)),

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from qlm_backend.contract import (
+    VLLM_BACKEND_FLAGS,
     ContractError,
     Responder,
     join_logprobs,
@@ -30,13 +31,7 @@ from qlm_backend.contract import (
 )
 from qlm_backend.engine.tokens import SynthToken, logprobs_json
 
-FLAGS = (
-    "return_finish_reason",
-    "return_cumulative_logprob",
-    "return_logprobs",
-    "return_num_input_tokens",
-    "return_num_output_tokens",
-)
+FLAGS = VLLM_BACKEND_FLAGS  # the five return_* inputs vllm_backend reads
 PROMPT = "Hello there"
 N_IN = 3
 

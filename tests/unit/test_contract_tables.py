@@ -253,3 +253,17 @@ def test_output_arrays_follow_the_engine_table():
         frozenset({"return_finish_reason", "return_logprobs"}), "", None, 0, None, 0, 0
     )
     assert some["finish_reason"].tolist() == [b"None"] and some["logprobs"].tolist() == [b"null"]
+
+
+def test_vllm_backend_flags_are_its_five_return_inputs() -> None:
+    from qlm_backend.contract import RETURN_FLAGS, VLLM_BACKEND_FLAGS
+
+    # vllm_backend's _get_input_tensors reads exactly these; ours add num_cached_tokens.
+    assert VLLM_BACKEND_FLAGS == (
+        "return_finish_reason",
+        "return_cumulative_logprob",
+        "return_logprobs",
+        "return_num_input_tokens",
+        "return_num_output_tokens",
+    )
+    assert set(RETURN_FLAGS) - set(VLLM_BACKEND_FLAGS) == {"return_num_cached_tokens"}
