@@ -173,6 +173,24 @@ def test_hopeless_work_waits_behind_meetable_work_but_ahead_of_far_deadlines() -
         assert [e.request_ids[0] for e in ordered] == want
 
 
+def test_a_request_whose_own_prefill_outlasts_its_deadline_goes_behind_meetable_work() -> None:
+    # At t=100: "edge" (interactive, deadline 100.5) is due first, "ok" (interactive, 256-token
+    # prompt, deadline 101) next. With a 16k-token prompt edge needs ~1.4 s of prefill on an
+    # A100 even at the head of the line, so it is certain to miss: ok first, then edge. With a
+    # 256-token prompt (~0.02 s) edge can still make it and EDF keeps it first.
+    from qlm_backend.core.plan import QueueEntry
+    from qlm_backend.core.policies.qlm.ordering import order_queue
+
+    for edge_prompt, want in ((16_000, ["ok", "edge"]), (256, ["edge", "ok"])):
+        qm = QueueManager(make_fleet(n=1), "qlm", ManagerConfig())
+        qm.add_request(make_request("edge", arrival_s=80.5, prompt_tokens=edge_prompt), 80.5)
+        qm.add_request(make_request("ok", arrival_s=81.0), 81.0)
+        ctx = qm._context("test")
+        entries = [QueueEntry(qm.requests[r].group_id or "", (r,)) for r in ("ok", "edge")]
+        ordered, _ = order_queue(qm.instances["i-0"], entries, ctx, 100.0)
+        assert [e.request_ids[0] for e in ordered] == want
+
+
 def test_qlm_cooldown_is_its_own_and_the_baselines_keep_theirs() -> None:
     # qlm_evict_cooldown_s is read by QLM only: a baseline's eviction rate (evict_cooldown_s)
     # stays what it was; None hands QLM the shared value again.
