@@ -20,6 +20,7 @@ wd2, a long-prompt trace with other length and burstiness parameters that nothin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -88,8 +89,34 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+# What a unit's figures depend on: the policies, the engine model, the simulator and the workload
+# builders with their data. Not the protocol's own orchestration or the report's formatting.
+_RESULT_SOURCES = ("core", "engine", "eval", "data")
+_NOT_RESULTS = ("protocol.py", "protocol_report.py", "plots.py", "report.py", "cli.py")
+
+
+def code_digest(root: Path | None = None) -> str:
+    """sha256 (16 hex digits) over the package files behind a unit's figures, by relative path."""
+    base = root or Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for sub in _RESULT_SOURCES:
+        for f in sorted((base / sub).rglob("*")):
+            if not f.is_file() or "__pycache__" in f.parts or f.name in _NOT_RESULTS:
+                continue
+            h.update(f.relative_to(base).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def is_current(path: Path, code: str) -> bool:
+    """Written, whole, and by the code that runs now."""
+    try:
+        return bool(json.loads(path.read_text()).get("code") == code)
+    except (OSError, ValueError):
+        return False
+
+
 def run_unit(
-    case: Case, seed: int, loads: Sequence[float], max_requests: int, out: Path
+    case: Case, seed: int, loads: Sequence[float], max_requests: int, out: Path, code: str = ""
 ) -> dict[str, Any]:
     """Every load of one (case, seed); writes and returns the unit's JSON object."""
     from qlm_backend.core.highs import silence_highs_banner
@@ -145,6 +172,7 @@ def run_unit(
         "classes": [c.name for c in sc.fleet.slo_classes],
         "runs": runs,
         "wall_s": round(time.perf_counter() - t0, 1),
+        "code": code or code_digest(),
     }
     path = unit_path(out, case.name, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,14 +198,18 @@ def run_set(
     max_requests: int,
     cases: Sequence[str] | None = None,
 ) -> None:
-    todo = [
-        (c, s)
-        for c in pset.cases
-        if cases is None or c.name in cases
-        for s in pset.seeds
-        if not unit_path(out, c.name, s).exists()
-    ]
+    code = code_digest()
+    chosen = [(c, s) for c in pset.cases if cases is None or c.name in cases for s in pset.seeds]
+    todo = [(c, s) for c, s in chosen if not is_current(unit_path(out, c.name, s), code)]
+    stale = sum(1 for c, s in todo if unit_path(out, c.name, s).exists())
     total = len(todo)
+    if stale:
+        print(
+            f"qlm-eval-protocol: {stale} unit(s) in {out} were written by other code "
+            f"(digest != {code}): running them again",
+            file=sys.stderr,
+            flush=True,
+        )
     print(
         f"qlm-eval-protocol: {pset.name}: {total} units to run "
         f"({len(pset.cases)} cases x {len(pset.seeds)} seeds, loads {list(pset.loads)}; "
@@ -188,7 +220,8 @@ def run_set(
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         futs = {
-            pool.submit(run_unit, c, s, pset.loads, max_requests, out): (c.name, s) for c, s in todo
+            pool.submit(run_unit, c, s, pset.loads, max_requests, out, code): (c.name, s)
+            for c, s in todo
         }
         for k, fut in enumerate(as_completed(futs), 1):
             name, seed = futs[fut]
@@ -243,4 +276,14 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["SETS", "Case", "ProtocolSet", "load_units", "parse_seeds", "run_set", "run_unit"]
+__all__ = [
+    "SETS",
+    "Case",
+    "ProtocolSet",
+    "code_digest",
+    "is_current",
+    "load_units",
+    "parse_seeds",
+    "run_set",
+    "run_unit",
+]

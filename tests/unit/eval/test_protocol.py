@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pytest
 
-from qlm_backend.eval.protocol import SETS, parse_seeds
+from qlm_backend.eval.protocol import SETS, code_digest, is_current, parse_seeds
 from qlm_backend.eval.protocol_report import collect, headline, markdown
 
 
@@ -89,3 +91,42 @@ def test_the_report_counts_the_cells_qlm_wins() -> None:
     assert "| 2 | 0.50 / 0.50 / 0.50 |" in text
     # interactive: 40% of requests x load 2 = 0.8 of capacity, attained 0.5 < 0.99
     assert "Top class at >= 0.99 wherever its own demand is <= 0.9 x capacity: 0 of 1" in text
+
+
+def _tree(root: Path) -> Path:
+    for rel, text in (
+        ("core/policy.py", "x = 1\n"),
+        ("eval/runner.py", "y = 2\n"),
+        ("eval/protocol.py", "z = 3\n"),
+        ("data/traces/t.csv", "a,b\n"),
+    ):
+        f = root / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text)
+    return root
+
+
+def test_code_digest_follows_result_sources_not_the_protocol_or_report(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    before = code_digest(root)
+    (root / "eval" / "protocol.py").write_text("z = 4\n")  # orchestration: same figures
+    (root / "core" / "__pycache__").mkdir()
+    (root / "core" / "__pycache__" / "policy.pyc").write_bytes(b"\0")
+    assert code_digest(root) == before
+    (root / "core" / "policy.py").write_text("x = 2\n")  # a policy change: other figures
+    changed = code_digest(root)
+    assert changed != before
+    (root / "data" / "traces" / "t.csv").write_text("a,c\n")  # other arrivals
+    assert code_digest(root) not in (before, changed)
+
+
+def test_a_unit_is_current_only_when_whole_and_written_by_the_same_code(tmp_path: Path) -> None:
+    unit = tmp_path / "wa-code-s100.json"
+    assert not is_current(unit, "abc")  # not written
+    unit.write_text(json.dumps({"case": "wa-code", "code": "abc"}))
+    assert is_current(unit, "abc")
+    assert not is_current(unit, "def")  # other code: stale, runs again
+    unit.write_text(json.dumps({"case": "wa-code"}))
+    assert not is_current(unit, "abc")  # written before units carried a digest
+    unit.write_text('{"case": "wa-co')
+    assert not is_current(unit, "abc")  # cut short
