@@ -68,17 +68,23 @@ def _decode(result: Any) -> dict[str, Any]:
     return out
 
 
-def grpc_stream(
+def is_final(result: Any) -> bool:
+    params = result.get_response().parameters
+    return "triton_final_response" in params and params["triton_final_response"].bool_param
+
+
+def raw_responses(
     url: str,
     model: str,
     fields: dict[str, Any],
     timeout_s: float = 60.0,
     parameters: dict | None = None,
-) -> StreamResult:
-    """One request over a gRPC stream; collects every response until the FINAL flag or an error."""
+) -> tuple[list[Any], str | None]:
+    """Every response (tritonclient InferResult) of one request over a gRPC stream, up to the one
+    with the FINAL flag, and the error if one came instead."""
     q: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
-    res = StreamResult()
+    results: list[Any] = []
     try:
         client.start_stream(callback=lambda result, error: q.put((result, error)))
         client.async_stream_infer(
@@ -87,19 +93,26 @@ def grpc_stream(
         while True:
             result, error = q.get(timeout=timeout_s)
             if error is not None:
-                res.error = str(error)
-                break
-            params = result.get_response().parameters
-            final = "triton_final_response" in params and params["triton_final_response"].bool_param
-            decoded = _decode(result)
-            if decoded:
-                res.responses.append(decoded)
-            if final:
-                break
+                return results, str(error)
+            results.append(result)
+            if is_final(result):
+                return results, None
     finally:
         client.stop_stream(cancel_requests=True)
         client.close()
-    return res
+
+
+def grpc_stream(
+    url: str,
+    model: str,
+    fields: dict[str, Any],
+    timeout_s: float = 60.0,
+    parameters: dict | None = None,
+) -> StreamResult:
+    """One request over a gRPC stream; the decoded responses that carry outputs, or the error."""
+    results, error = raw_responses(url, model, fields, timeout_s, parameters)
+    decoded = (_decode(r) for r in results)
+    return StreamResult([d for d in decoded if d], error)
 
 
 def http_post(url: str, path: str, body: bytes | dict, timeout_s: float = 60.0) -> tuple[int, str]:

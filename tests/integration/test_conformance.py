@@ -14,15 +14,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-from streams import http_post, make_inputs
+from streams import http_post, is_final, raw_responses
 
 from qlm_backend.contract import VLLM_BACKEND_FLAGS
 
@@ -93,26 +91,18 @@ class Reply:
 
 def collect(url: str, model: str, fields: dict[str, Any]) -> tuple[list[Reply], str | None]:
     """Every response of one request over a gRPC stream, with what its protobuf declares."""
-    q: queue.Queue[tuple[Any, Any]] = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    replies: list[Reply] = []
-    try:
-        client.start_stream(callback=lambda result, error: q.put((result, error)))
-        client.async_stream_infer(model, make_inputs(fields), enable_empty_final_response=True)
-        while True:
-            result, error = q.get(timeout=60)
-            if error is not None:
-                return replies, str(error)
-            resp = result.get_response()
-            outs = {
-                o.name: (o.datatype, list(o.shape), result.as_numpy(o.name)) for o in resp.outputs
-            }
-            replies.append(Reply(outs, resp.parameters["triton_final_response"].bool_param))
-            if replies[-1].final:
-                return replies, None
-    finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
+    results, error = raw_responses(url, model, fields, timeout_s=60)
+    replies = [
+        Reply(
+            {
+                o.name: (o.datatype, list(o.shape), r.as_numpy(o.name))
+                for o in r.get_response().outputs
+            },
+            is_final(r),
+        )
+        for r in results
+    ]
+    return replies, error
 
 
 def check(case: Case, replies: list[Reply], error: str | None, router: bool) -> dict[str, Any]:

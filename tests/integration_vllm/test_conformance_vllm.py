@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import queue
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,12 +20,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from conftest import MAX_NUM_SEQS, VllmServer
 from vllm_client import ENGINE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from streams import make_inputs  # noqa: E402
+from streams import is_final, raw_responses  # noqa: E402
 
 from qlm_backend.contract import VLLM_BACKEND_FLAGS  # noqa: E402
 
@@ -66,25 +64,13 @@ def fields(stream: bool, k: int | None, exclude: bool | None, router: bool) -> d
 
 def collect(url: str, model: str, f: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None]:
     """Every response of one request (all outputs: none named), and the error if one came."""
-    q: queue.Queue[tuple[Any, Any]] = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    replies: list[dict[str, Any]] = []
-    try:
-        client.start_stream(callback=lambda result, error: q.put((result, error)))
-        client.async_stream_infer(model, make_inputs(f), enable_empty_final_response=True)
-        while True:
-            result, error = q.get(timeout=120)
-            if error is not None:
-                return replies, str(error)
-            resp = result.get_response()
-            out = {o.name: result.as_numpy(o.name) for o in resp.outputs}
-            out["_final"] = resp.parameters["triton_final_response"].bool_param
-            replies.append(out)
-            if out["_final"]:
-                return replies, None
-    finally:
-        client.stop_stream(cancel_requests=True)
-        client.close()
+    results, error = raw_responses(url, model, f, timeout_s=120)
+    replies = []
+    for r in results:
+        out = {o.name: r.as_numpy(o.name) for o in r.get_response().outputs}
+        out["_final"] = is_final(r)
+        replies.append(out)
+    return replies, error
 
 
 def _text(arr: np.ndarray) -> str:
