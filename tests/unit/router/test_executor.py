@@ -767,18 +767,24 @@ def test_a_stream_that_cannot_even_be_built_fails_the_request_loudly() -> None:
     run(main())
 
 
+async def evict_at_5_and_finish(rig: Rig, rid: str) -> Any:
+    """Run `rid`, evict it after 5 tokens, resume it and wait for its end; returns its flight."""
+    rig.ex.execute(pull(rid), 0.0)
+    await rig.until(lambda: rig.ex.flights[rid].tokens_done == 5)
+    rig.ex.execute(Evict(rid, "i-0"), 0.0)
+    rig.server.gate.set()
+    rig.ex.execute(pull(rid), 0.0)
+    f = rig.ex.flights[rid]
+    await rig.until(lambda: rid not in rig.ex.flights)
+    return f
+
+
 def test_a_resumed_request_reports_its_first_prompt_count_and_a_running_logprob_sum() -> None:
     async def main() -> None:
         rig = Rig()
         rig.server.gate_after = 5
         rig.admit("r1", prompt="tell me a story", max_tokens=12)
-        rig.ex.execute(pull("r1"), 0.0)
-        await rig.until(lambda: rig.ex.flights["r1"].tokens_done == 5)
-        rig.ex.execute(Evict("r1", "i-0"), 0.0)
-        rig.server.gate.set()
-        rig.ex.execute(pull("r1"), 0.0)
-        f = rig.ex.flights["r1"]
-        await rig.until(lambda: "r1" not in rig.ex.flights)
+        f = await evict_at_5_and_finish(rig, "r1")
         # The second engine saw 4 + 5 words of prompt and 7 tokens; the client sees the request's.
         assert int(f.extras["num_input_tokens"][0]) == 4
         assert float(f.extras["cumulative_logprob"][0]) == pytest.approx(-0.5 * 12)
@@ -793,13 +799,7 @@ def test_a_resumed_non_streaming_request_keeps_every_chunks_logprobs_in_order() 
         rig = Rig()
         rig.server.gate_after = 5
         rig.admit("r1", max_tokens=12, stream=False, flags=("return_logprobs",))
-        rig.ex.execute(pull("r1"), 0.0)
-        await rig.until(lambda: rig.ex.flights["r1"].tokens_done == 5)
-        rig.ex.execute(Evict("r1", "i-0"), 0.0)
-        rig.server.gate.set()
-        rig.ex.execute(pull("r1"), 0.0)
-        f = rig.ex.flights["r1"]
-        await rig.until(lambda: "r1" not in rig.ex.flights)
+        f = await evict_at_5_and_finish(rig, "r1")
         joined = json.loads(join_logprobs(logprobs_text(a) for a in f.logprob_parts) or "")
         tokens = [next(iter(e.values()))["decoded_token"] for e in joined]
         assert "".join(tokens) == expected_text("tell me a story", 12)

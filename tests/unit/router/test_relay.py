@@ -90,20 +90,24 @@ def test_responses_with_per_token_logprobs_are_never_joined() -> None:
     assert client.sent == [("a", 1, None, False), ("b", 1, None, False), ("c", 1, "stop", True)]
 
 
+def extras_recording_client() -> tuple[SlowClient, list[dict[str, Any]]]:
+    """A SlowClient that also records the flight's extras as each response reaches it."""
+    client, seen = SlowClient(), []
+    inner_send = client.send
+
+    def send(f: Any, text: str, num_tokens: int, reason: str | None, final: bool) -> bool:
+        seen.append(dict(f.extras))
+        return inner_send(f, text, num_tokens, reason, final)
+
+    client.send = send  # type: ignore[method-assign]
+    return client, seen
+
+
 def test_each_response_leaves_with_the_outputs_of_its_own_chunk() -> None:
     # The loop updates the flight's extras with every chunk before the relay thread sends the
     # responses before it: each response must carry its own chunk's logprobs, not the latest.
     relay, _ = make_relay()
-    seen: list[Any] = []
-    client = SlowClient()
-    inner_send = client.send
-
-    def send(f: Any, text: str, num_tokens: int, reason: str | None, final: bool) -> bool:
-        ok = inner_send(f, text, num_tokens, reason, final)
-        seen.append(dict(f.extras))
-        return ok
-
-    client.send = send  # type: ignore[method-assign]
+    client, seen = extras_recording_client()
     f = Flight("r1", "m", "c", 0.0, 1.0, 1, 3, stream=True, payload=None, sink=client)
     sink = relay.sink(client, lambda: None, join=False)
     for i, final in enumerate((False, False, True)):
@@ -119,15 +123,7 @@ def test_each_response_leaves_with_the_outputs_of_its_own_chunk() -> None:
 
 def test_joined_responses_carry_the_latest_cumulative_outputs() -> None:
     relay, _ = make_relay()
-    seen: list[Any] = []
-    client = SlowClient()
-    inner_send = client.send
-
-    def send(f: Any, text: str, num_tokens: int, reason: str | None, final: bool) -> bool:
-        seen.append(dict(f.extras))
-        return inner_send(f, text, num_tokens, reason, final)
-
-    client.send = send  # type: ignore[method-assign]
+    client, seen = extras_recording_client()
     f = Flight("r1", "m", "c", 0.0, 1.0, 1, 3, stream=True, payload=None, sink=client)
     sink = relay.sink(client, lambda: None)
     for i, final in enumerate((False, False, True)):
