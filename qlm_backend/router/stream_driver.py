@@ -4,6 +4,10 @@ The engine client (`EngineClient`) is what `router/dispatch.py` implements over 
 asyncio API, one per Triton server; tests give a fake one. Everything here runs on the router's one
 asyncio loop, the executor's thread, so executor calls need no lock.
 
+A dead engine stub whose streams never end is found by a stall watch (router/stall_watch.py): an
+instance with open streams that has answered nothing for `stall_s` wall seconds gets a one-token
+probe; a refusal as gone fails the instance (its requests queue again, recovery reloads it).
+
 Two races this module closes (both found once by slow integration runs):
 - a Pull whose request is cancelled or evicted before its task's first step: the task asks the
   executor whether its stream is still wanted (`is_live`) and opens nothing if not;
@@ -24,6 +28,7 @@ import numpy as np
 from qlm_backend.contract import GenerateParams
 from qlm_backend.router.executor import Executor
 from qlm_backend.router.flight import Chunk, Flight, StopKind
+from qlm_backend.router.stall_watch import StallWatch, probe_engine
 from qlm_backend.vllm_engine.control import ControlOp, ControlReply
 
 WarmMode = Literal["load", "sleep", "none"]
@@ -131,13 +136,17 @@ class StreamDriver:
         load_timeout_s: float = 300.0,
         retry_s: tuple[float, float] = (0.5, 30.0),
         log: Callable[[str, str], None] = lambda level, msg: None,
+        stall_s: float = 10.0,
+        probe_s: float = 3.0,
     ) -> None:
         """`engine_name(model, instance)` names the engine model; `request_fields(flight,
         instance, priority)` builds its request; `load_override(engine, instance, warm)` the config
         override a load sends (None: the engine's own config); `warm_mode(instance)` how its engines
         start warm: "load" (the load itself, told by its override: simulated engines), "sleep"
         (a swap puts the outgoing engine to sleep and wakes the incoming one; Release unloads a
-        sleeping one: our vLLM engine) or "none" (every load is cold)."""
+        sleeping one: our vLLM engine) or "none" (every load is cold). `stall_s`: wall seconds of
+        silence under open streams before an instance is probed; `probe_s`: how long a probe
+        waits for a refusal."""
         self.client_for, self.engine_name = client_for, engine_name
         self.request_fields, self.load_override = request_fields, load_override
         self.warm_mode = warm_mode
@@ -155,6 +164,11 @@ class StreamDriver:
         self._streams: dict[str, EngineStream] = {}
         self.dead_stubs: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.watch = StallWatch(stall_s)
+        self.probe_s = probe_s
+        self.stall_probes = 0  # probes sent
+        self._where: dict[str, tuple[str, str]] = {}  # stream id -> (instance, engine model)
+        self._watching = False
 
     def bind(self, ex: Executor) -> None:
         self.ex = ex
@@ -210,7 +224,12 @@ class StreamDriver:
                 name, self.request_fields(f, instance, priority), sid
             )
             self._streams[sid] = stream
+            loop = asyncio.get_running_loop()
+            self._where[sid] = (instance, name)
+            self.watch.opened(instance, loop.time())
+            self._ensure_watch()
             async for ch in stream.chunks():
+                self.watch.heard(instance, loop.time())
                 if not ex.is_live(sid):
                     return
                 ended = ch.finish_reason is not None
@@ -230,8 +249,64 @@ class StreamDriver:
             ex.on_stream_error(sid, f"internal error: {e}", False, self.clock())
         finally:
             self._streams.pop(sid, None)
+            if self._where.pop(sid, None) is not None:
+                self.watch.closed(instance)
             if stream is not None and not ended and not ex.is_live(sid):
                 stream.cancel()  # whoever left it, its engine request stops
+
+    def _ensure_watch(self) -> None:
+        if not self._watching:
+            self._watching = True
+            self._spawn(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.closing and self.watch.watching:
+                await asyncio.sleep(min(1.0, self.watch.stall_s / 2))
+                for instance in self.watch.due(loop.time()):
+                    self._spawn(self._probe(instance))
+        finally:
+            self._watching = False
+
+    async def _probe(self, instance: str) -> None:
+        """One token asked of a silent instance's engine: refused as gone, the instance fails."""
+        loop = asyncio.get_running_loop()
+        names = [n for i, n in self._where.values() if i == instance]
+        if not names:
+            self.watch.probed(instance, loop.time())
+            return
+        name = names[0]
+        self.stall_probes += 1
+        self.log(
+            "warn",
+            f"instance {instance}: nothing from {len(names)} open stream(s) for "
+            f"{self.watch.stall_s:g} s: probing {name}",
+        )
+        try:
+            gone, what = await probe_engine(
+                self.client_for(instance),
+                name,
+                f"qlm-stall-probe-{self.stall_probes}",
+                self.probe_s,
+            )
+        finally:
+            self.watch.probed(instance, loop.time())
+        self.log("warn" if gone else "info", f"instance {instance}: probe of {name}: {what}")
+        if gone:
+            self._instance_gone(instance, name, what)
+
+    def _instance_gone(self, instance: str, name: str, message: str) -> None:
+        ex = self.ex
+        assert ex is not None
+        if "is not healthy" in message:
+            self.dead_stubs.add(name)  # recovery unloads it before the load
+        msg = f"{name}: silent under open streams and refused a probe ({message})"
+        for sid, (i, _) in list(self._where.items()):
+            # The first stream the executor still has fails the instance: every request on it
+            # queues again with what it produced, and recovery reloads the engine.
+            if i == instance and ex.on_stream_error(sid, msg, True, self.clock()):
+                return
 
     async def _swap(
         self, instance: str, from_model: str | None, to_model: str, warm: bool, keep_from: bool

@@ -22,6 +22,7 @@ from qlm_backend.core.actions import Evict, KeepWarm, Pull, Reject, Release, Swa
 from qlm_backend.core.api import parse_fleet
 from qlm_backend.router.executor import Executor
 from qlm_backend.router.flight import Chunk, Flight
+from qlm_backend.router.stall_watch import StallWatch
 from qlm_backend.router.stream_driver import EngineError, StreamDriver, WarmMode, engine_fields
 from qlm_backend.vllm_engine.control import ControlReply
 
@@ -57,9 +58,11 @@ class FakeStream:
         self.server, self.model, self.fields, self.request_id = server, model, dict(fields), rid
         self.cancelled = False
         self.produced = 0
+        self.stopped = asyncio.Event()
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.stopped.set()
 
     async def chunks(self) -> AsyncIterator[Chunk]:
         if self.model not in self.server.ready:
@@ -75,6 +78,8 @@ class FakeStream:
             await asyncio.sleep(STEP_S)
             if self.produced == self.server.gate_after:
                 await self.server.gate.wait()  # held here until the test lets it go on
+            if self.model in self.server.hung:
+                await self.stopped.wait()  # its stub died: nothing more, ever (until cancelled)
             if self.cancelled:
                 return
             if self.model not in self.server.ready:
@@ -111,6 +116,7 @@ class FakeServer:
     asleep: set[str] = field(default_factory=set)  # loaded engines put to sleep
     cached_tokens: int = 0  # what its prefix cache reports to a resumed request
     dead: set[str] = field(default_factory=set)  # stub killed: still "ready", fails every request
+    hung: set[str] = field(default_factory=set)  # ... and its open streams never answer again
     failing_wakes: set[str] = field(default_factory=set)
 
     def stream(self, model: str, fields: Mapping[str, Any], request_id: str) -> FakeStream:
@@ -132,6 +138,7 @@ class FakeServer:
         self.ready.discard(model)
         self.asleep.discard(model)
         self.dead.discard(model)
+        self.hung.discard(model)
 
     async def wait_unloaded(self, model: str, timeout_s: float) -> float:
         self.log.append(("unloaded", model))
@@ -207,6 +214,7 @@ class Rig:
         initial: str = "m-a",
         backend_config: bool = False,
         warm_mode: WarmMode = "load",
+        stall_s: float = 60.0,
     ):
         self.fleet = parse_fleet(
             {
@@ -239,6 +247,8 @@ class Rig:
             lambda: self.now,
             warm_mode=lambda iid: warm_mode,
             retry_s=(0.005, 0.02),
+            stall_s=stall_s,
+            probe_s=0.2,
         )
         self.ex = Executor(
             self.core,  # type: ignore[arg-type]
@@ -881,3 +891,58 @@ def test_without_a_timeout_nothing_expires_and_ended_entries_do_not_pile_up() ->
         assert len(rig.ex._expiry) <= 2 * len(rig.ex.flights) + 1025
 
     run(main())
+
+
+def test_a_stub_that_died_under_open_streams_is_found_by_a_probe_and_its_requests_finish() -> None:
+    # Triton 2.51: a dead stub's streams never end and its model reads READY; nothing new is sent
+    # to it, so only the stall watch's probe (refused: "not healthy") fails the instance.
+    async def main() -> None:
+        rig = Rig(stall_s=0.1)
+        client = rig.admit("r1", max_tokens=12)
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: rig.ex.flights["r1"].tokens_done >= 3)
+        rig.server.dead.add(M)
+        rig.server.hung.add(M)
+        await rig.until(lambda: "on_engine_failed" in rig.core.names())
+        probes = [e for e in rig.server.log if e[0] == "stream" and "probe" in e[2]]
+        assert len(probes) == 1 and rig.driver.stall_probes == 1
+        await rig.until(lambda: rig.ex.model_of["i-0"] == "mistral-7b")
+        assert rig.server.log[-3:] == [("unload", M), ("load", M, None), ("loaded", M)]
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: "r1" not in rig.ex.flights)
+        assert client.text == expected_text("tell me a story", 12) and not client.errors
+
+    run(main())
+
+
+def test_a_slow_but_live_engine_answers_the_probe_and_keeps_its_requests() -> None:
+    async def main() -> None:
+        rig = Rig(stall_s=0.1)
+        rig.server.gate_after = 2  # every stream holds after 2 tokens: silent, but alive
+        client = rig.admit("r1", max_tokens=6)
+        rig.ex.execute(pull("r1"), 0.0)
+        await rig.until(lambda: rig.driver.stall_probes >= 2)  # probed, answered, probed again
+        assert "on_engine_failed" not in rig.core.names()
+        first_probe = next(s for s in rig.server.streams if "probe" in s.request_id)
+        assert first_probe.cancelled  # answered, then cancelled: it takes no engine time
+        rig.server.gate.set()
+        await rig.until(lambda: "r1" not in rig.ex.flights)
+        assert client.text == expected_text("tell me a story", 6) and not client.errors
+
+    run(main())
+
+
+def test_stall_watch_is_due_only_for_silent_instances_with_open_streams() -> None:
+    w = StallWatch(stall_s=5.0)
+    w.opened("a", 0.0)
+    w.opened("b", 0.0)
+    w.heard("b", 4.0)
+    assert w.due(4.9) == []
+    assert w.due(5.0) == ["a"]  # b answered at 4 s
+    assert w.due(20.0) == ["b"]  # a is being probed: not due twice
+    w.probed("a", 20.0)
+    assert w.due(24.0) == []  # its silence counts again from the probe's end
+    w.closed("a")
+    assert w.due(100.0) == []  # no open stream: nothing to wait for
+    w.closed("b")
+    assert not w.watching
