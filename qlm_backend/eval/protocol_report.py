@@ -72,7 +72,12 @@ def markdown(units: Sequence[Mapping[str, Any]], pset: ProtocolSet, img: str | N
     cells = collect(units)
     if not cells:
         return f"# Protocol {pset.name}: no results yet\n"
-    policies = sorted({n for c in cells.values() for n in c["policies"]}, key=lambda n: n != QLM)
+    # A fixed order (qlm, its variants, then the baselines by name): a set's own order follows the
+    # process's string hashing and reshuffled the columns from one report to the next.
+    policies = sorted(
+        {n for c in cells.values() for n in c["policies"]},
+        key=lambda n: (n != QLM, not n.startswith(QLM), n),
+    )
     seeds = sorted({s for c in cells.values() for s in c["seeds"]})
     lines = [
         f"# Evaluation protocol: {pset.name} set",

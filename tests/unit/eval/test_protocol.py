@@ -93,6 +93,23 @@ def test_the_report_counts_the_cells_qlm_wins() -> None:
     assert "Top class at >= 0.99 wherever its own demand is <= 0.9 x capacity: 0 of 1" in text
 
 
+def test_report_columns_keep_one_order_whatever_order_the_units_name_policies() -> None:
+    unit = _unit(0, 0.9, 0.6, 1.0)
+    pols = unit["runs"][0]["policies"]
+    pols["edf"] = _summary(0.5, 0.5)
+    reordered = _unit(0, 0.9, 0.6, 1.0)
+    reordered["runs"][0]["policies"] = dict(reversed(list(pols.items())))
+    header = [
+        ln for ln in markdown([unit], SETS["test"], img=None).splitlines() if "| case |" in ln
+    ]
+    again = [
+        ln for ln in markdown([reordered], SETS["test"], img=None).splitlines() if "| case |" in ln
+    ]
+    assert header == again
+    # qlm, its variant, then the baselines by name
+    assert "| qlm | qlm-true-lengths | edf | priority |" in header[0]
+
+
 def _tree(root: Path) -> Path:
     for rel, text in (
         ("core/policy.py", "x = 1\n"),
