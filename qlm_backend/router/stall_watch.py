@@ -19,7 +19,7 @@ import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 # What a probe asks of an engine: one token of a one-word prompt.
 PROBE_FIELDS: Mapping[str, Any] = {
@@ -28,6 +28,13 @@ PROBE_FIELDS: Mapping[str, Any] = {
     "exclude_input_in_output": True,
     "sampling_parameters": json.dumps({"max_tokens": 1}),
 }
+
+
+# How a probe ended: a first response; `wait_s` with none (the engine took it: alive, maybe slow;
+# cancelling it is an abort in the engine's counters); refused as unavailable (a dead stub); another
+# error, which proves nothing.
+ProbeResult = Literal["answered", "no-answer", "gone", "error"]
+PROBE_RESULTS: tuple[ProbeResult, ...] = ("answered", "no-answer", "gone", "error")
 
 
 @dataclass
@@ -80,22 +87,24 @@ class _Streams(Protocol):
 
 async def probe_engine(
     client: _Streams, model: str, request_id: str, wait_s: float
-) -> tuple[bool, str]:
-    """(gone, what happened): gone when the engine refused the probe as unavailable (a dead stub:
-    "... is not healthy"); a first response, an end, or `wait_s` without an answer mean it took
-    the request (alive, maybe slow). The probe is cancelled either way. Engine errors are those
-    of router/stream_driver.py (an `unavailable` attribute)."""
+) -> tuple[ProbeResult, str]:
+    """(how it ended, what happened): "gone" when the engine refused the probe as unavailable (a
+    dead stub: "... is not healthy"); a first response or an end is "answered", `wait_s` without
+    one "no-answer" (it took the request: alive, maybe slow). The probe is cancelled either way.
+    Engine errors are those of router/stream_driver.py (an `unavailable` attribute)."""
     stream = client.stream(model, PROBE_FIELDS, request_id)
     gen = stream.chunks()
     try:
         await asyncio.wait_for(anext(gen), timeout=wait_s)
-        return False, "answered"
-    except (TimeoutError, StopAsyncIteration):
-        return False, f"took it (no answer in {wait_s:g} s)"
+        return "answered", "answered"
+    except StopAsyncIteration:
+        return "answered", "ended"
+    except TimeoutError:
+        return "no-answer", f"took it (no answer in {wait_s:g} s)"
     except asyncio.CancelledError:
         raise
     except Exception as e:  # noqa: BLE001 - only an engine's "gone" proves anything
-        return bool(getattr(e, "unavailable", False)), str(e)
+        return ("gone" if getattr(e, "unavailable", False) else "error"), str(e)
     finally:
         stream.cancel()
         close = getattr(gen, "aclose", None)  # an async generator's, if it is one
@@ -104,4 +113,4 @@ async def probe_engine(
                 await close()
 
 
-__all__ = ["PROBE_FIELDS", "StallWatch", "probe_engine"]
+__all__ = ["PROBE_FIELDS", "PROBE_RESULTS", "ProbeResult", "StallWatch", "probe_engine"]

@@ -28,7 +28,7 @@ import numpy as np
 from qlm_backend.contract import GenerateParams
 from qlm_backend.router.executor import Executor
 from qlm_backend.router.flight import Chunk, Flight, StopKind
-from qlm_backend.router.stall_watch import StallWatch, probe_engine
+from qlm_backend.router.stall_watch import ProbeResult, StallWatch, probe_engine
 from qlm_backend.vllm_engine.control import ControlOp, ControlReply
 
 WarmMode = Literal["load", "sleep", "none"]
@@ -138,6 +138,7 @@ class StreamDriver:
         log: Callable[[str, str], None] = lambda level, msg: None,
         stall_s: float = 10.0,
         probe_s: float = 3.0,
+        on_probe: Callable[[str, ProbeResult], None] = lambda instance, result: None,
     ) -> None:
         """`engine_name(model, instance)` names the engine model; `request_fields(flight,
         instance, priority)` builds its request; `load_override(engine, instance, warm)` the config
@@ -146,7 +147,7 @@ class StreamDriver:
         (a swap puts the outgoing engine to sleep and wakes the incoming one; Release unloads a
         sleeping one: our vLLM engine) or "none" (every load is cold). `stall_s`: wall seconds of
         silence under open streams before an instance is probed; `probe_s`: how long a probe
-        waits for a refusal."""
+        waits for a refusal; `on_probe(instance, result)` counts each probe's end."""
         self.client_for, self.engine_name = client_for, engine_name
         self.request_fields, self.load_override = request_fields, load_override
         self.warm_mode = warm_mode
@@ -165,7 +166,7 @@ class StreamDriver:
         self.dead_stubs: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.watch = StallWatch(stall_s)
-        self.probe_s = probe_s
+        self.probe_s, self.on_probe = probe_s, on_probe
         self.stall_probes = 0  # probes sent
         self._where: dict[str, tuple[str, str]] = {}  # stream id -> (instance, engine model)
         self._watching = False
@@ -284,7 +285,7 @@ class StreamDriver:
             f"{self.watch.stall_s:g} s: probing {name}",
         )
         try:
-            gone, what = await probe_engine(
+            result, what = await probe_engine(
                 self.client_for(instance),
                 name,
                 f"qlm-stall-probe-{self.stall_probes}",
@@ -292,6 +293,8 @@ class StreamDriver:
             )
         finally:
             self.watch.probed(instance, loop.time())
+        gone = result == "gone"
+        self.on_probe(instance, result)
         self.log("warn" if gone else "info", f"instance {instance}: probe of {name}: {what}")
         if gone:
             self._instance_gone(instance, name, what)

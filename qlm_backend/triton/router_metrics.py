@@ -70,6 +70,13 @@ class RouterMetrics:
             "still held (reported by our engines; the plan charges a resume the rest).",
             fam.COUNTER,
         )
+        self._probes = fam(
+            "qlm_engine_probes_total",
+            "One-token probes of an instance silent under open streams, by result: answered, "
+            "no-answer (the engine took it: alive, maybe slow; the cancelled probe is an abort in "
+            "the engine's counters), gone (refused as dead: the instance is recovered), error.",
+            fam.COUNTER,
+        )
         self._plan = fam("qlm_planner_seconds", "Wall time of planner decisions.", fam.HISTOGRAM)
         self._fallback = fam(
             "qlm_solver_fallbacks_total", "Plans decided by the heuristic fallback.", fam.COUNTER
@@ -119,6 +126,9 @@ class RouterMetrics:
 
     def lso(self, kind: str, n: int = 1) -> None:
         self._m(self._lso, kind=kind).increment(n)
+
+    def probe(self, instance: str, result: str) -> None:
+        self._m(self._probes, instance=instance, result=result).increment(1)
 
     def resume(self, instance: str, context_tokens: int, cached_tokens: int) -> None:
         """A resumed request's context and the part its engine found cached."""

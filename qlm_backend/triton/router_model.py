@@ -79,6 +79,7 @@ class RouterModel:
             warm_mode=lambda iid: self.cfg.warm_mode(iid, specs[iid].warm_start),
             load_timeout_s=self.cfg.load_timeout_s,
             log=self._log,
+            on_probe=self.metrics.probe,
         )
         self.ex = Executor(
             self.qm, self.driver, fleet.instances,

@@ -133,6 +133,9 @@ def test_a_full_router_refuses_at_once_and_a_request_no_engine_answers_times_out
             out[o] = v or 0
         out["queue_full"] = metric_value(text, "qlm_rejected_total", router=ROUTER, reason="queue_full") or 0  # fmt: skip
         out["aborts"] = metric_value(text, "vllm:request_success_total", model=SLOW, finished_reason="abort") or 0  # fmt: skip
+        # The router probes an instance silent under open streams for 10 s (stall watch): a probe
+        # the slow engine took and never answered is cancelled, an abort of its own.
+        out["probes"] = metric_value(text, "qlm_engine_probes_total", router=ROUTER, instance="b-slow-0", result="no-answer") or 0  # fmt: skip
         return out
 
     base, pulled = snapshot(), pulls(bounds)
@@ -186,12 +189,14 @@ def test_a_full_router_refuses_at_once_and_a_request_no_engine_answers_times_out
         now, text = snapshot(), scrape(bounds)
         got = {k: now[k] - base[k] for k in now}
         got["served"] = got.pop("attained") + got.pop("missed")
+        probes = got.pop("probes")
         busy = [metric_value(text, f"vllm:num_requests_{k}", model=SLOW) for k in ("running", "waiting")]  # fmt: skip
-        want = {"served": 2, "rejected": 1, "failed": 3, "queue_full": 1, "aborts": 3}
+        want = {"served": 2, "rejected": 1, "failed": 3, "queue_full": 1, "aborts": 3 + probes}
         if got == want and busy == [0, 0]:
             break
         assert time.monotonic() < deadline, (got, busy)
         time.sleep(0.2)
+    print(f"the slow instance was probed {probes:g} time(s) while silent (no answer)")
     assert metric_value(text, "qlm_rejected_total", router=ROUTER, reason="shed") is not None
     # And the router serves on.
     res = grpc_stream(bounds.grpc_url, ROUTER, fields("mistral-7b", 3), timeout_s=60)

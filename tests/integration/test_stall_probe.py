@@ -63,8 +63,8 @@ async def probe(server: EngineServer, rid: str) -> tuple[bool, str, float]:
     """(gone, what happened, seconds): the driver's probe (stall_watch.probe_engine)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    gone, what = await probe_engine(server, ENGINE, rid, PROBE_WAIT_S)
-    return gone, what, loop.time() - t0
+    result, what = await probe_engine(server, ENGINE, rid, PROBE_WAIT_S)
+    return result == "gone", what, loop.time() - t0
 
 
 def test_a_killed_engine_stub_refuses_the_probe_at_once_and_serves_after_a_reload(
