@@ -10,6 +10,12 @@ Outcomes, the distinction load tests need: `completed` (the final response arriv
 server answered with an explicit error: shed, bad input, cancelled), `lost` (neither: a timeout, a
 dropped connection, a stream that ended without its final response).
 
+A streamed request may ask the router for heartbeats (`Request.heartbeat_s`: an empty response
+whenever the stream has been silent that long, docs/request-contract.md). A router whose stub died
+sends nothing more and Triton 2.51 never ends its streams, so with heartbeats the client counts the
+router gone after MISSED_HEARTBEATS of them (outcome `lost`, status `SILENT`) instead of waiting
+for its own `timeout_s`.
+
 CLI: `qlm-client [--url URL] [--protocol grpc|http] --model M [--slo-class C | --ttft-slo-s S]
 [--max-tokens N] [--stream | --no-stream] [--router qlm] "prompt"`.
 """
@@ -30,6 +36,9 @@ from typing import Any, Literal
 from qlm_backend.contract import router_request_tensors
 
 Outcome = Literal["completed", "error", "lost"]
+# Heartbeats missed before the router counts as gone: a live router's loop may lag one on a busy
+# machine (the router checks every 0.1 s), a dead one sends none.
+MISSED_HEARTBEATS = 3
 DEFAULT_GRPC_URL = "127.0.0.1:8001"
 DEFAULT_HTTP_URL = "127.0.0.1:8000"
 
@@ -45,6 +54,12 @@ class Request:
     ignore_eos: bool = False
     sampling: dict[str, Any] = field(default_factory=dict)  # further vLLM sampling keys
     router: str = "qlm"  # the Triton model to call
+    heartbeat_s: float | None = None  # qlm_heartbeat_s: streamed requests to a QLM router only
+
+    @property
+    def silence_s(self) -> float | None:
+        """Silence after which the router counts as gone (None: no heartbeats asked)."""
+        return None if self.heartbeat_s is None else MISSED_HEARTBEATS * self.heartbeat_s
 
     def sampling_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"max_tokens": self.max_tokens, **self.sampling}
@@ -147,6 +162,8 @@ def grpc_inputs(req: Request, module: Any) -> list[Any]:
         fields["slo_class"] = req.slo_class
     if req.ttft_slo_s is not None:
         fields["ttft_slo_s"] = float(req.ttft_slo_s)
+    if req.heartbeat_s is not None:
+        fields["qlm_heartbeat_s"] = float(req.heartbeat_s)
     inputs = []
     for name, arr, dtype in router_request_tensors(fields):
         inp = module.InferInput(name, list(arr.shape), dtype)
@@ -180,6 +197,15 @@ def _grpc_error(e: Any) -> tuple[str, str | None]:
     else:
         status = "SERVER_ERROR"
     return msg, status
+
+
+def _silent(acc: _Accumulator, silence_s: float) -> None:
+    acc.fail(
+        f"the router sent nothing, not even a heartbeat, for {silence_s:.1f} s: it is gone "
+        "(the request is lost; send it again)",
+        "SILENT",
+        "lost",
+    )
 
 
 def _is_connection_error(status: str | None) -> bool:
@@ -244,11 +270,17 @@ class GrpcClient:
         cancel = True
         try:
             deadline = time.monotonic() + self.timeout_s
+            silence = req.silence_s
             while True:
+                left = max(0.0, deadline - time.monotonic())
                 try:
-                    result, error = q.get(timeout=max(0.0, deadline - time.monotonic()))
+                    result, error = q.get(timeout=left if silence is None else min(left, silence))
                 except queue.Empty:
-                    acc.fail(f"no final response within {self.timeout_s:.0f} s", "TIMEOUT", "lost")
+                    if silence is not None and silence < left:
+                        _silent(acc, silence)
+                    else:
+                        msg = f"no final response within {self.timeout_s:.0f} s"
+                        acc.fail(msg, "TIMEOUT", "lost")
                     return
                 if error is not None:
                     msg, status = _grpc_error(error)
@@ -312,17 +344,28 @@ class AsyncGrpcClient:
             await done.wait()  # the stream stays open until the request has ended
 
         it = self._client.stream_infer(inputs_iterator=requests())
-        timed_out = False
+        loop = asyncio.get_running_loop()
+        timed_out = silent = False
 
         def on_timeout() -> None:
             nonlocal timed_out
             timed_out = True
             it.cancel()
 
-        timer = asyncio.get_running_loop().call_later(self.timeout_s, on_timeout)
+        def on_silence() -> None:
+            nonlocal silent
+            silent = True
+            it.cancel()
+
+        timer = loop.call_later(self.timeout_s, on_timeout)
+        silence = req.silence_s
+        watch = None if silence is None else loop.call_later(silence, on_silence)
         finished = False
         try:
             async for res, error in it:
+                if watch is not None and silence is not None:
+                    watch.cancel()
+                    watch = loop.call_later(silence, on_silence)
                 if error is not None:
                     msg, status = _grpc_error(error)
                     acc.fail(msg, status, "lost" if _is_connection_error(status) else "error")
@@ -337,19 +380,35 @@ class AsyncGrpcClient:
                     finished = True
                     return
             finished = True
-            if timed_out:
+            if silent and silence is not None:
+                _silent(acc, silence)
+            elif timed_out:
                 acc.fail(f"no final response within {self.timeout_s:.0f} s", "TIMEOUT", "lost")
             else:
                 acc.fail("the stream ended without a final response", "INCOMPLETE", "lost")
+        except asyncio.CancelledError:
+            # Our own timers cancel the call (grpc.aio then raises CancelledError); anything
+            # else cancelling is the caller's business.
+            if not (silent or timed_out):
+                raise
+            finished = True
+            if silent and silence is not None:
+                _silent(acc, silence)
+            else:
+                acc.fail(f"no final response within {self.timeout_s:.0f} s", "TIMEOUT", "lost")
         except Exception as e:  # noqa: BLE001 - transport failure or our timeout: no answer
             finished = True
-            if timed_out:
+            if silent and silence is not None:
+                _silent(acc, silence)
+            elif timed_out:
                 acc.fail(f"no final response within {self.timeout_s:.0f} s", "TIMEOUT", "lost")
             else:
                 msg, status = _grpc_error(e)
                 acc.fail(msg, status, "lost")
         finally:
             timer.cancel()
+            if watch is not None:
+                watch.cancel()
             done.set()
             if not finished:
                 # The caller left early (break, task cancelled): cancel the request server-side.
@@ -389,6 +448,8 @@ def http_body(req: Request) -> dict[str, Any]:
         body["slo_class"] = req.slo_class
     if req.ttft_slo_s is not None:
         body["ttft_slo_s"] = float(req.ttft_slo_s)
+    if req.heartbeat_s is not None:
+        body["qlm_heartbeat_s"] = float(req.heartbeat_s)
     return body
 
 
@@ -443,7 +504,10 @@ class HttpClient:
         return gen.result
 
     def _events(self, req: Request, acc: _Accumulator) -> Iterator[str]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+        # With heartbeats, a read waits at most the silence that means the router is gone.
+        silence = req.silence_s
+        wait_s = self.timeout_s if silence is None else min(self.timeout_s, silence)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=wait_s)
         try:
             acc.t0 = time.monotonic()
             conn.request(
@@ -476,6 +540,11 @@ class HttpClient:
                 if final:
                     acc.complete()
                     return
+        except TimeoutError as e:
+            if silence is not None and silence <= self.timeout_s:
+                _silent(acc, silence)
+            else:
+                acc.fail(f"{type(e).__name__}: {e}", "CONNECTION", "lost")
         except (OSError, http.client.HTTPException) as e:
             acc.fail(f"{type(e).__name__}: {e}", "CONNECTION", "lost")
         finally:
@@ -514,8 +583,13 @@ class AsyncHttpClient:
         finished = False
         try:
             acc.t0 = time.monotonic()
+            timeout = None
+            if req.silence_s is not None:
+                timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_read=req.silence_s)
             async with session.post(
-                f"{self.url}/v2/models/{req.router}/generate_stream", json=http_body(req)
+                f"{self.url}/v2/models/{req.router}/generate_stream",
+                json=http_body(req),
+                timeout=timeout,
             ) as resp:
                 if resp.status != 200:
                     acc.fail(_error_text(await resp.text()), _http_status_name(resp.status))
@@ -537,6 +611,12 @@ class AsyncHttpClient:
                         finished = True
                         return
             acc.fail("the stream ended without a final response", "INCOMPLETE", "lost")
+            finished = True
+        except aiohttp.ServerTimeoutError as e:
+            if req.silence_s is not None:  # a read waited past the heartbeats' silence
+                _silent(acc, req.silence_s)
+            else:
+                acc.fail(f"{type(e).__name__}: {e}", "CONNECTION", "lost")
             finished = True
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             acc.fail(f"{type(e).__name__}: {e}", "CONNECTION", "lost")
@@ -598,6 +678,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--router", default="qlm", help="the router model to call (default qlm)")
     p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument(
+        "--heartbeat-s",
+        type=float,
+        help="ask the router for a heartbeat after this much silence (streaming); give up after "
+        f"{MISSED_HEARTBEATS} missed (the router is gone)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON at the end")
     return p
 
@@ -613,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=args.stream,
         ignore_eos=args.ignore_eos,
         router=args.router,
+        heartbeat_s=args.heartbeat_s,
     )
     try:
         client = client_for(args.protocol, args.url, args.timeout_s)

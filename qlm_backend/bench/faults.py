@@ -54,7 +54,7 @@ FRONTS = ("grpc", "http", "openai")
 PHASES = ("before", "during", "after")
 Outcome = Literal["completed", "error", "lost", "cancelled"]
 # Error kinds that are refusals at admission (the request never ran).
-REFUSALS = frozenset({"shed", "queue-full", "router-unavailable"})
+REFUSALS = frozenset({"shed", "queue-full", "router-unavailable", "router-down"})
 
 
 @dataclass(frozen=True)
@@ -220,13 +220,15 @@ def error_kind(status: str | None, message: str) -> str:
         return "queue-full"
     if "request timed out" in m or status in ("HTTP 504", "504"):
         return "timeout"
+    if "went down" in m:
+        # qlm-openai ended a stream its router left silent, heartbeats included, while not ready.
+        return "router-down"
     router_gone = (
         "request for unknown model" in m  # Triton: unloaded, no version serves it
         or "has no available versions" in m
         or "router is unloading" in m
         or "router is unavailable" in m
         or "router model is not loaded" in m
-        or "went down" in m
         or ("stub process" in m and "qlm_0_0" in m)  # the router's stub died
     )
     if router_gone:

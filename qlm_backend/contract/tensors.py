@@ -189,6 +189,14 @@ QLM_INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec(
         "ttft_slo_s", "FP64", (1,), True, "A time-to-first-token SLO (s) instead of the class's."
     ),
+    TensorSpec(
+        "qlm_heartbeat_s",
+        "FP64",
+        (1,),
+        True,
+        "Streaming only: an empty response (no text, 0 tokens) whenever the stream has been silent"
+        " this long (s), so a client tells a live router, one draining included, from a dead one.",
+    ),
 )
 # QLM's report on the final response.
 QLM_OUTPUTS: tuple[TensorSpec, ...] = (

@@ -8,12 +8,15 @@ aborts it in its engine. A stream ends with its final response (the Triton final
 call (gRPC status name).
 
 A router whose stub dies leaves its streams open with nothing more to come: Triton 2.51 ends none
-of them (docs/triton-vllm-facts.md section 8). While streams are open, the client therefore asks
-the server every `watch_s` whether the router model is ready; two "not ready" answers in a row
-(`qlm-serve`'s supervisor holds a dead router unloaded for a second before loading it again) end
-every open stream that has heard nothing for SILENT_WATCHES polls with an UNAVAILABLE error and
-cancel its call (a router reloaded through the repository API drains: its streams go on). A failed readiness call (a busy or
-unreachable server) is not an answer: the streams' own calls fail if the server is gone.
+of them (docs/triton-vllm-facts.md section 8). Every stream asks the router for heartbeats
+(`qlm_heartbeat_s`: an empty response whenever it has been silent that long), which a live router
+sends, one that drains during a reload included, and a dead one cannot. While streams are open,
+the client asks the server every `watch_s` whether the router model is ready; after two "not
+ready" answers in a row (`qlm-serve`'s supervisor holds a dead router unloaded for a second before
+loading it again), every open stream that has heard nothing, heartbeats included, since the first
+of them and for `silent_s` ends with an UNAVAILABLE error and its call is cancelled, even once a
+new router is ready. A failed readiness call (a busy or unreachable server) is not an answer: the
+streams' own calls fail if the server is gone.
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ class RouterStream:
                     return
                 piece = decode(result)
                 self.last_piece_s = asyncio.get_running_loop().time()
+                if _is_heartbeat(piece):
+                    continue
                 if piece.tokens > 0 and self.on_first_token is not None:
                     self.on_first_token()
                     self.on_first_token = None
@@ -164,23 +169,34 @@ class RouterStream:
         self._task.cancel()
 
 
-SILENT_WATCHES = 4  # readiness polls without a response before a stream counts as orphaned
+def _is_heartbeat(p: Piece) -> bool:
+    return not p.final and p.tokens == 0 and not p.text and p.finish_reason is None
+
+
+HEARTBEAT_S = 0.5  # asked of the router for every stream
+# A stream counts as orphaned (once the router is not ready) after this many heartbeats missed:
+# a live router's loop and relay may lag one on a loaded machine, a dead one sends none.
+MISSED_HEARTBEATS = 3
 
 
 class RouterClient:
     """One gRPC channel to the Triton server that runs the router; many concurrent streams."""
 
-    def __init__(self, url: str, router: str = "qlm", watch_s: float = 0.25) -> None:
+    def __init__(
+        self, url: str, router: str = "qlm", watch_s: float = 0.25, heartbeat_s: float = HEARTBEAT_S
+    ) -> None:
         import tritonclient.grpc.aio as grpcaio
 
         self._mod = grpcaio
         self.url, self.router, self.watch_s = url, router, watch_s
+        self.heartbeat_s, self.silent_s = heartbeat_s, MISSED_HEARTBEATS * heartbeat_s
         self._client = grpcaio.InferenceServerClient(url)
         self._open: set[RouterStream] = set()
         self._watch: asyncio.Task[None] | None = None
         self.abandoned = 0  # streams ended because the router went down
 
     def open(self, fields: Mapping[str, Any]) -> RouterStream:
+        fields = {**fields, "qlm_heartbeat_s": self.heartbeat_s}
         stream = RouterStream(self._client, self._mod, self.router, fields)
         self._open.add(stream)
         stream._task.add_done_callback(lambda _t: self._open.discard(stream))
@@ -199,25 +215,38 @@ class RouterClient:
             return None
 
     async def _watch_router(self) -> None:
-        not_ready = 0
+        loop = asyncio.get_running_loop()
+        not_ready, first_not_ready = 0, 0.0
+        down_s: float | None = None  # when the router last went down (two "not ready" in a row)
         while self._open:
             await asyncio.sleep(self.watch_s)
             if not self._open:
                 return
             state = await self._ready()
+            if state is False and not_ready == 0:
+                first_not_ready = loop.time()
             not_ready = not_ready + 1 if state is False else 0
             if not_ready >= 2:
-                # A router reloaded through the repository API drains: Triton keeps the old one
-                # until its streams end, and they keep streaming. A dead one's streams go silent.
-                now = asyncio.get_running_loop().time()
-                limit = SILENT_WATCHES * self.watch_s
-                silent = [s for s in self._open if now - s.last_piece_s > limit]
-                err = RouterError(
-                    f"the router {self.router!r} went down (its model is not ready); "
-                    "this request is lost, send it again",
-                    "UNAVAILABLE",
-                )
-                for stream in silent:
+                down_s = first_not_ready
+            if down_s is None:
+                continue
+            # A router reloaded through the repository API drains: Triton keeps the old one until
+            # its streams end, and it sends them tokens or heartbeats. A dead one's streams go
+            # silent, and stay so after the supervisor has loaded a new router (ready again in
+            # ~1.5 s): a stream is orphaned when it has heard nothing since the router went down,
+            # for `silent_s`, whatever the router's readiness now.
+            now = loop.time()
+            before = [s for s in self._open if s.last_piece_s < down_s]
+            if not before:
+                down_s = None
+                continue
+            err = RouterError(
+                f"the router {self.router!r} went down (its model is not ready); "
+                "this request is lost, send it again",
+                "UNAVAILABLE",
+            )
+            for stream in before:
+                if now - stream.last_piece_s > self.silent_s:
                     stream.abandon(err)
                     self._open.discard(stream)
                     self.abandoned += 1

@@ -11,13 +11,19 @@ keeps up with sends exactly what the engine sent, with no added delay, and one i
 with sends fewer, larger responses instead of falling further behind. A request that returns
 per-token logprobs is never joined. Per request the order is kept: data, then the final response or
 an error (an error drops what had not left yet: the request ended).
+
+Heartbeats: a request that asked for them (`qlm_heartbeat_s`) gets an empty response (no text, 0
+tokens, no logprobs) whenever nothing was queued for it that long, while it waits in the router's
+queue or for its first token. Only a live router sends them, one that drains during a reload
+included, so a client (qlm-openai's router client) tells it from a dead one by silence alone.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -46,16 +52,26 @@ class _Error:
 class RelaySink:
     """A request's ClientSink on the loop side: queues responses for the relay's thread."""
 
-    def __init__(self, relay: Relay, inner: ClientSink, on_gone: Callable[[], object], join: bool):
+    def __init__(
+        self,
+        relay: Relay,
+        inner: ClientSink,
+        on_gone: Callable[[], object],
+        join: bool,
+        heartbeat_s: float | None = None,
+    ):
         self.relay, self.inner, self.on_gone, self.join = relay, inner, on_gone, join
         self.pending: list[_Data | _Error] = []
         self.queued = False
         self.gone = False
         self.started = False  # a response of it has been queued before
+        self.heartbeat_s = heartbeat_s
+        self.last_s = relay.clock()  # when a response for it was last queued (or it arrived)
 
     def send(self, f: Flight, text: str, num_tokens: int, reason: str | None, final: bool) -> bool:
         if self.gone:
             return False
+        self.last_s = self.relay.clock()
         extras = dict(f.extras) if f is not None and f.extras else None
         with self.relay.lock:
             last = self.pending[-1] if self.pending else None
@@ -70,6 +86,23 @@ class RelaySink:
             self.relay.ready(self)
         return True
 
+    def keepalive(self, f: Flight, now_s: float) -> None:
+        """Queue a heartbeat if the request asked for them and has been silent that long."""
+        if self.heartbeat_s is None or self.gone or now_s - self.last_s < self.heartbeat_s:
+            return
+        self.last_s = now_s
+        with self.relay.lock:
+            if self.pending:
+                return  # something is on its way already
+            # Empty extras: the flight's are the last chunk's (its logprobs would go out twice).
+            self.pending.append(_Data(f, [""], 0, None, False, joined=0, extras={}))
+            self.relay.heartbeats += 1
+            # Behind the others' responses, and it does not count as the request's first: that
+            # one still goes ahead when it comes.
+            started, self.started = self.started, True
+            self.relay.ready(self)
+            self.started = started
+
     def error(self, message: str, kind: ErrorKind) -> None:
         with self.relay.lock:
             self.pending = [_Error(message, kind)]  # what had not left yet is dropped
@@ -82,21 +115,39 @@ class RelaySink:
 class Relay:
     """One sender thread for all of a router's requests."""
 
-    def __init__(self, call_on_loop: Callable[[Callable[[], object]], object], name: str = "relay"):
-        """`call_on_loop(fn)` runs fn on the executor's loop (loop.call_soon_threadsafe)."""
-        self.call_on_loop = call_on_loop
+    def __init__(
+        self,
+        call_on_loop: Callable[[Callable[[], object]], object],
+        name: str = "relay",
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """`call_on_loop(fn)` runs fn on the executor's loop (loop.call_soon_threadsafe); `clock`
+        (wall seconds) times heartbeats."""
+        self.call_on_loop, self.clock = call_on_loop, clock
         self.lock = threading.Condition()
         self._ready: deque[RelaySink] = deque()
         self._closing = False
         self.responses = 0  # responses sent
         self.engine_responses = 0  # engine responses they carried
+        self.heartbeats = 0  # heartbeats queued
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def sink(
-        self, inner: ClientSink, on_gone: Callable[[], object], join: bool = True
+        self,
+        inner: ClientSink,
+        on_gone: Callable[[], object],
+        join: bool = True,
+        heartbeat_s: float | None = None,
     ) -> RelaySink:
-        return RelaySink(self, inner, on_gone, join)
+        return RelaySink(self, inner, on_gone, join, heartbeat_s)
+
+    def keepalive(self, flights: Iterable[Flight]) -> None:
+        """Heartbeats for the silent ones among `flights` (the loop calls it a few times a second)."""
+        now = self.clock()
+        for f in flights:
+            if isinstance(f.sink, RelaySink) and f.sink.heartbeat_s is not None:
+                f.sink.keepalive(f, now)
 
     def ready(self, s: RelaySink) -> None:
         """Called with the lock held: `s` has something to send. A request's first response goes

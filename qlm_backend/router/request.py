@@ -1,7 +1,7 @@
 """Decode and validate one request to the `qlm` router, without Triton.
 
 The router accepts the vllm_backend contract plus QLM's fields (contract.QLM_INPUTS): `model` (the
-logical model), `slo_class` (or a `ttft_slo_s` override). They may come as input tensors (HTTP
+logical model), `slo_class` (or a `ttft_slo_s` override), `qlm_heartbeat_s`. They may come as input tensors (HTTP
 generate puts JSON fields with these names into tensors) or as request parameters, so they are
 looked up in both. The model reads the tensors named by contract.ROUTER_INPUT_NAMES. Every error
 names its field.
@@ -34,6 +34,7 @@ class RouterRequest:
     slo_class: str
     ttft_slo_s: float | None
     prompt_tokens: int
+    heartbeat_s: float | None = None  # qlm_heartbeat_s: an empty response after this much silence
 
 
 def _field(inputs: Mapping[str, np.ndarray | None], params: Mapping[str, Any], name: str) -> Any:
@@ -88,25 +89,8 @@ def parse_router_request(
         raise ContractError(
             "slo_class", f"unknown class {slo_class!r}; known: {', '.join(sorted(slo_classes))}"
         )
-    ttft = _field(inputs, params, "ttft_slo_s")
-    if ttft is not None:
-        if isinstance(ttft, str):
-            try:
-                ttft = float(ttft)
-            except ValueError:
-                raise ContractError(
-                    "ttft_slo_s", f"must be a number of seconds, got {ttft!r}"
-                ) from None
-        if (
-            isinstance(ttft, bool)
-            or not isinstance(ttft, int | float)
-            or not math.isfinite(ttft)
-            or ttft <= 0
-        ):
-            raise ContractError(
-                "ttft_slo_s", f"must be a finite number of seconds > 0, got {ttft!r}"
-            )
-        ttft = float(ttft)
+    ttft = _seconds(_field(inputs, params, "ttft_slo_s"), "ttft_slo_s", 0.0)
+    heartbeat = _seconds(_field(inputs, params, "qlm_heartbeat_s"), "qlm_heartbeat_s", 0.1)
     gp = parse_generate(
         inputs,
         parameters_json,
@@ -115,4 +99,26 @@ def parse_router_request(
         ignore_parameters=QLM_FIELDS,
         default_stream=False,  # as Triton's vllm_backend: no `stream`, one response
     )
-    return RouterRequest(gp, model, slo_class, ttft, count_tokens(gp.prompt))
+    if heartbeat is not None and not gp.stream:
+        # A heartbeat is an empty response before the last one: only a stream can carry it.
+        raise ContractError("qlm_heartbeat_s", "needs stream=true")
+    return RouterRequest(gp, model, slo_class, ttft, count_tokens(gp.prompt), heartbeat)
+
+
+def _seconds(value: Any, name: str, above: float) -> float | None:
+    """A number of seconds, from a tensor, a JSON number or a numeric string (HTTP parameters)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ContractError(name, f"must be a number of seconds, got {value!r}") from None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= above
+    ):
+        raise ContractError(name, f"must be a finite number of seconds > {above:g}, got {value!r}")
+    return float(value)

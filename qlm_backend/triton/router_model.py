@@ -176,7 +176,8 @@ class RouterModel:
         # per-token logprobs are never joined.
         gone = lambda: self.ex.cancel(rid, self._now(), None)  # noqa: E731 - client left
         inner = TritonSink(sender, rr, self.cfg.time_scale)
-        sink = self.relay.sink(inner, gone, join="return_logprobs" not in rr.params.returns)
+        join = "return_logprobs" not in rr.params.returns
+        sink = self.relay.sink(inner, gone, join, heartbeat_s=rr.heartbeat_s)
         flight = Flight(
             rid, rr.model, rr.slo_class, now, req.deadline_s, rr.prompt_tokens, sp.max_tokens,
             stream=rr.params.stream, payload=rr, sink=sink,
@@ -199,6 +200,7 @@ class RouterModel:
                 if wall - last_poll >= self.cfg.cancel_poll_s:
                     last_poll = wall
                     self.ex.poll_cancelled(self._now())
+                    self.relay.keepalive(self.ex.flights.values())
                 self.ex.step(self._now())
                 self.metrics.planner(self.qm.decisions)
                 if wall - last_metrics >= self.cfg.metrics_interval_s:

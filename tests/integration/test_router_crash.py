@@ -9,7 +9,10 @@ each end with an explicit error event within OPENAI_ERROR_S of the kill (its rou
 the router's readiness). The Triton clients' orphaned streams end explicitly or stay silent: none
 ends as if complete. Triton 2.51 cannot end them (docs/triton-vllm-facts.md section 8: their
 response factories are never released, the unload and the load do not touch them), so each client
-bounds its own wait and cancels; the test checks that the cancel is clean.
+bounds its own wait and cancels; the test checks that the cancel is clean. Three more Triton
+streams go through `qlm-client` with heartbeats (`qlm_heartbeat_s`; asyncio gRPC, sync gRPC, sync
+HTTP): they end with outcome `lost` (status SILENT) within HEARTBEAT_LOST_S of the kill instead of
+hanging.
 
 Runs the real `qlm-serve` on a copy of the shipped repository, its instances capped at 4 requests
 each (12 streaming, the rest queued in the router), in real time (time_scale 1).
@@ -40,6 +43,7 @@ import tritonclient.grpc.aio as grpcaio
 from conftest import ADMIN_KEY, REPO
 from streams import TimedStream, metric_value, timed_stream
 
+from qlm_backend.client import AsyncGrpcClient, GrpcClient, HttpClient, Request, Result
 from qlm_backend.triton.server import free_port
 from qlm_backend.triton.supervisor import stub_pids
 
@@ -48,6 +52,9 @@ pytestmark = pytest.mark.timeout(120)
 ROUTER = "qlm"
 ENGINES = ("mistral-7b__a10-0", "mistral-7b__a10-1", "llama-2-13b__a100-0")
 N_GRPC, N_SSE, N_OPENAI = 14, 4, 2
+HEARTBEAT_CLIENTS = ("asyncio-grpc", "grpc", "http")  # further streams: qlm-client, heartbeats
+N_HEARTBEAT = len(HEARTBEAT_CLIENTS)
+HEARTBEAT_S = 0.5
 # ~10 s of generation at the simulated A10's ~30 tokens/s: nothing completes before the kill.
 MAX_TOKENS = 300
 # The supervisor checks the stub's pid every 0.1 s and unloads with one local HTTP call; 1 s
@@ -66,6 +73,8 @@ WATCH_S = 4.0
 # qlm-openai's router client polls readiness every 0.25 s and needs two "not ready" answers: the
 # supervisor's unload (DETECT_S) plus 0.5 s, with room for a loaded machine.
 OPENAI_ERROR_S = 3.0
+# qlm-client gives up after 3 heartbeats missed (1.5 s from the last response before the kill).
+HEARTBEAT_LOST_S = 3.0
 
 
 def get(url: str, timeout_s: float = 2.0) -> tuple[int | None, str]:
@@ -333,6 +342,35 @@ def test_router_stub_killed_with_20_streams_in_flight(serve: Serve):
         for i, h in enumerate(sse):
             body = fields(MAX_TOKENS, "batch-2", f"h{i}")
             threading.Thread(target=h.run, args=(http_url, body), daemon=True).start()
+        hb_client = AsyncGrpcClient(grpc_url, timeout_s=120)
+        hb = [Result() for _ in range(N_HEARTBEAT)]
+        hb_chunks = [0] * N_HEARTBEAT  # text chunks so far (the sync clients' Result comes last)
+        hb_end: list[float] = [0.0] * N_HEARTBEAT
+
+        async def with_heartbeats(i: int, kind: str) -> None:
+            req = Request(
+                f"k{i}", model="mistral-7b", slo_class="batch-2", max_tokens=MAX_TOKENS,
+                ignore_eos=True, heartbeat_s=HEARTBEAT_S,
+            )  # fmt: skip
+
+            def chunk(_text: str) -> None:
+                hb_chunks[i] += 1
+
+            if kind == "asyncio-grpc":
+                async for text in hb_client.stream(req, hb[i]):
+                    chunk(text)
+            else:
+                c = GrpcClient(grpc_url, 120) if kind == "grpc" else HttpClient(http_url, 120)
+                try:
+                    hb[i] = await asyncio.to_thread(c.generate, req, chunk)
+                finally:
+                    c.close()
+            hb_end[i] = time.monotonic()
+
+        hb_tasks = [
+            asyncio.create_task(with_heartbeats(i, kind))
+            for i, kind in enumerate(HEARTBEAT_CLIENTS)
+        ]
         await asyncio.sleep(0.5)
         for i, o in enumerate(oai[1:], start=1):
             threading.Thread(target=o.run, args=(openai_url, f"o{i}"), daemon=True).start()
@@ -348,8 +386,9 @@ def test_router_stub_killed_with_20_streams_in_flight(serve: Serve):
                 sum(bool(s.tokens) for s in grpc)
                 + sum(bool(h.events) for h in sse)
                 + sum(bool(o.chunks) for o in oai)
+                + sum(bool(n) for n in hb_chunks)
             )
-            n_all = N_GRPC + N_SSE + N_OPENAI
+            n_all = N_GRPC + N_SSE + N_OPENAI + N_HEARTBEAT
             if running + queued == n_all and queued and streaming == running:
                 break
             assert time.monotonic() < deadline, f"running {running}, queued {queued}"
@@ -407,6 +446,12 @@ def test_router_stub_killed_with_20_streams_in_flight(serve: Serve):
             h.close()
         done, pending = await asyncio.wait(tasks, timeout=5)
         cancel_s = time.monotonic() - t_cancel
+        # qlm-client's streams ended by themselves (WATCH_S > HEARTBEAT_LOST_S): nothing to cancel.
+        hb_pending = [i for i, t in enumerate(hb_tasks) if not t.done()]
+        for t in hb_tasks:
+            t.cancel()
+        await asyncio.gather(*hb_tasks, return_exceptions=True)
+        await hb_client.close()
         sse_left = [i for i, h in enumerate(sse) if not h.ended.wait(5)]
         oai_left = [i for i, o in enumerate(oai) if not o.ended.wait(5)]
         await client.close()
@@ -417,7 +462,7 @@ def test_router_stub_killed_with_20_streams_in_flight(serve: Serve):
             "idle_s": idle_s, "changes": watcher.changes, "fresh": fresh, "served_s": served_s,
             "grpc": grpc, "sse": sse, "at_kill": at_kill, "after": after, "ended": ended,
             "pending": pending, "cancel_s": cancel_s, "sse_left": sse_left,
-            "oai": oai, "oai_left": oai_left,
+            "oai": oai, "oai_left": oai_left, "hb": hb, "hb_end": hb_end, "hb_pending": hb_pending,
         }  # fmt: skip
 
     r = asyncio.run(scenario())
@@ -449,6 +494,14 @@ def test_router_stub_killed_with_20_streams_in_flight(serve: Serve):
         assert o.error_at is not None and o.error_at - r["killed"] < OPENAI_ERROR_S, o
     oai_s = [round(o.error_at - r["killed"], 2) for o in r["oai"]]
     print(f"OpenAI streams ended with an error {oai_s} s after the kill")
+
+    # qlm-client with heartbeats: the router's silence tells it the router is gone.
+    assert not r["hb_pending"], [vars(h) for h in r["hb"]]
+    for h, end in zip(r["hb"], r["hb_end"], strict=True):
+        assert (h.outcome, h.status) == ("lost", "SILENT"), h
+        assert end - r["killed"] < HEARTBEAT_LOST_S, (end - r["killed"], h)
+    hb_s = [round(end - r["killed"], 2) for end in r["hb_end"]]
+    print(f"qlm-client streams with heartbeats ended lost (SILENT) {hb_s} s after the kill")
 
     # The Triton clients' streams: explicit errors, or silent since the kill (Triton 2.51); none
     # complete.

@@ -111,6 +111,7 @@ def test_request_choices_are_seeded_by_id_and_follow_the_shares():
         ("grpc", "SERVER_ERROR", "Request for unknown model: 'qlm' has no available versions", "router-unavailable"),
         ("openai", "HTTP 503", "None: the router is unavailable: ...", "router-unavailable"),
         ("grpc", "SERVER_ERROR", "Stub process 'qlm_0_0' is not healthy.", "router-unavailable"),
+        ("openai", "HTTP 503", "None: the router 'qlm' went down (its model is not ready); ...", "router-down"),
         ("http", "HTTP 504", "qlm: request timed out: not finished 7200 s after receipt", "timeout"),
         ("grpc", "CANCELLED", "the caller stopped reading the stream", "cancelled"),
         ("http", "HTTP 400", "qlm: slo_class: unknown class 'gold'", "invalid"),
@@ -239,7 +240,7 @@ def test_the_accounting():
     assert (acc.sent, acc.bad_inputs, acc.bad_inputs_refused_ok) == (9, 2, 1)
     assert len(acc.bad_input_misanswers) == 1 and "completed" in acc.bad_input_misanswers[0]
     assert (acc.completed, acc.cancelled, acc.orphaned, acc.lost) == (3, 1, 1, 1)
-    assert acc.errors_by_kind == {"other": 1, "router-unavailable": 1, "shed": 1}
+    assert acc.errors_by_kind == {"other": 1, "router-down": 1, "shed": 1}
     assert (acc.refused, acc.accepted) == (2, 7)  # shed + router gone, before any token
     assert acc.lost_samples and "lost" in acc.lost_samples[0]
     assert acc.per_front["grpc"]["orphaned"] == 1 and acc.per_front["http"]["completed"] == 1

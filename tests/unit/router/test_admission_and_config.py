@@ -78,6 +78,13 @@ def test_router_takes_qlm_fields_from_tensors_or_parameters_and_not_as_sampling_
     assert not r.params.stream and r.params.prepend_input
 
 
+def test_a_stream_may_ask_for_heartbeats_as_a_tensor_or_a_parameter():
+    base = {"text_input": text("hi"), "model": text("mistral-7b"), "stream": np.array([True])}
+    assert admit(base).heartbeat_s is None
+    assert admit({**base, "qlm_heartbeat_s": np.array([0.5])}).heartbeat_s == 0.5
+    assert admit(base, {"qlm_heartbeat_s": "2"}).heartbeat_s == 2.0  # HTTP parameters: text
+
+
 @pytest.mark.parametrize(
     ("inputs", "params", "field"),
     [
@@ -96,6 +103,16 @@ def test_router_takes_qlm_fields_from_tensors_or_parameters_and_not_as_sampling_
             },
             {},
             "ttft_slo_s",
+        ),
+        (
+            {"text_input": text("hi"), "model": text("mistral-7b"), "stream": np.array([True])},
+            {"qlm_heartbeat_s": 0.01},  # would flood the stream
+            "qlm_heartbeat_s",
+        ),
+        (
+            {"text_input": text("hi"), "model": text("mistral-7b")},
+            {"qlm_heartbeat_s": 1.0},  # not streamed: nowhere to put a heartbeat
+            "qlm_heartbeat_s",
         ),
         ({"text_input": text("x" * 2000), "model": text("mistral-7b")}, {}, "text_input"),
         ({"text_input": text(b"\xff"), "model": text("mistral-7b")}, {}, "text_input"),

@@ -174,3 +174,61 @@ def test_close_delivers_what_is_queued_before_it_stops() -> None:
         s.error("the router is unloading", "unavailable")
     relay.close()
     assert client.errors == [("the router is unloading", "unavailable")] * 20
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def heartbeat_rig(heartbeat_s: float | None) -> tuple[Relay, FakeClock, SlowClient, Flight]:
+    clock = FakeClock()
+    relay = Relay(lambda fn: None, clock=clock)
+    client, _ = extras_recording_client()
+    client.release.set()
+    f = Flight("r1", "m", "c", 0.0, 1.0, 1, 3, stream=True, payload=None, sink=client)
+    f.sink = relay.sink(client, lambda: None, heartbeat_s=heartbeat_s)
+    return relay, clock, client, f
+
+
+def test_a_silent_request_that_asked_gets_an_empty_heartbeat_each_period() -> None:
+    relay, clock, client, f = heartbeat_rig(0.5)
+    f.extras["logprobs"] = "[-0.1]"  # the last chunk's: a heartbeat must not send it again
+    clock.now += 0.4
+    relay.keepalive([f])  # silent 0.4 s of 0.5: nothing
+    clock.now += 0.1
+    relay.keepalive([f])
+    wait_for(lambda: len(client.sent) == 1)
+    f.sink.send(f, "tok", 1, None, False)  # a token resets the period
+    wait_for(lambda: len(client.sent) == 2)
+    clock.now += 0.3
+    relay.keepalive([f])
+    clock.now += 0.3
+    relay.keepalive([f])
+    relay.close()
+    # Expected: heartbeat (0.5 s after arrival), the token, heartbeat (0.6 s after the token)
+    assert client.sent == [("", 0, None, False), ("tok", 1, None, False), ("", 0, None, False)]
+    assert relay.heartbeats == 2 and relay.engine_responses == 1
+
+
+def test_a_heartbeat_carries_none_of_the_last_chunk_s_outputs() -> None:
+    relay, clock, client, f = heartbeat_rig(0.5)
+    seen: list[dict[str, Any]] = []
+    inner_send = client.send
+    client.send = lambda fl, *a: (seen.append(dict(fl.extras)), inner_send(fl, *a))[1]  # type: ignore[method-assign]
+    f.extras["logprobs"] = "[-0.1]"
+    clock.now += 1.0
+    relay.keepalive([f])
+    relay.close()
+    assert seen == [{}]
+
+
+def test_requests_that_did_not_ask_get_no_heartbeat() -> None:
+    relay, clock, client, f = heartbeat_rig(None)
+    clock.now += 60.0
+    relay.keepalive([f])
+    relay.close()
+    assert client.sent == [] and relay.heartbeats == 0
