@@ -307,8 +307,13 @@ class StreamDriver:
         msg = f"{name}: silent under open streams and refused a probe ({message})"
         for sid, (i, _) in list(self._where.items()):
             # The first stream the executor still has fails the instance: every request on it
-            # queues again with what it produced, and recovery reloads the engine.
+            # queues again with what it produced, and recovery reloads the engine. The executor
+            # stops the others; this one it takes for ended, but it hangs: it is cancelled here,
+            # or the watch would go on probing the instance for it while it reloads.
             if i == instance and ex.on_stream_error(sid, msg, True, self.clock()):
+                stream = self._streams.pop(sid, None)
+                if stream is not None:
+                    stream.cancel()
                 return
 
     async def _swap(

@@ -906,6 +906,11 @@ def test_a_stub_that_died_under_open_streams_is_found_by_a_probe_and_its_request
         await rig.until(lambda: "on_engine_failed" in rig.core.names())
         probes = [e for e in rig.server.log if e[0] == "stream" and "probe" in e[2]]
         assert len(probes) == 1 and rig.driver.stall_probes == 1
+        # The hung stream that the probe condemned is cancelled too (it would never end by
+        # itself, and the watch would go on probing the instance for it while it reloads).
+        hung = next(st for st in rig.server.streams if st.request_id.startswith("r1."))
+        await rig.until(lambda: hung.cancelled)
+        await rig.until(lambda: not rig.driver.watch.watching)
         await rig.until(lambda: rig.ex.model_of["i-0"] == "mistral-7b")
         assert rig.server.log[-3:] == [("unload", M), ("load", M, None), ("loaded", M)]
         rig.ex.execute(pull("r1"), 0.0)
