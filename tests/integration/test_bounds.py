@@ -1,9 +1,11 @@
-"""The router's bounds through the session's real tritonserver: the bound on pending requests
+"""The router's bounds through a real tritonserver: the bound on pending requests
 (`max_pending_requests`) and the wall deadline (`request_timeout_s`), directly over gRPC and through
 qlm-openai.
 
-A router of its own, `bounds` (policy fcfs, real time), is loaded into the running server for this
-module: it holds at most 5 requests and a request must finish within 15 s. Its fleet has a fast
+A router of its own, `bounds` (policy fcfs, real time), on a server of its own for this module (not
+the session's: a router unloaded after these tests sometimes stays UNLOADING for good under Triton
+2.51, which made the session server unready for every later test; docs/triton-vllm-facts.md section
+8): it holds at most 5 requests and a request must finish within 15 s. Its fleet has a fast
 instance (mistral-7b, real time) and a slow one (llama-2-13b at a tenth of real speed, prefilling in
 16-token chunks): it takes a request of a 3,000-token prompt and gives no token for ~36 s, an engine
 that does not answer within the deadline, yet steps (and so notices cancellations) every ~0.2 s.
@@ -23,14 +25,13 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
-from conftest import ADMIN_KEY
+from conftest import ADMIN_KEY, QUICK_EXIT
 from streams import TimedStream, grpc_stream, metric_value, timed_stream
 from test_openai import running_front
 
 from qlm_backend.triton.repository import write_router, write_sim_engine
-from qlm_backend.triton.server import TritonServer, admin_headers
+from qlm_backend.triton.server import TritonServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -64,8 +65,10 @@ FLEET = {
 
 
 @pytest.fixture(scope="module")
-def bounds(triton: TritonServer) -> Iterator[TritonServer]:
-    repo = triton.model_repository
+def bounds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    base = tmp_path_factory.mktemp("bounds")
+    repo = base / "repo"
+    repo.mkdir()
     (repo / "fleet-bounds.json").write_text(json.dumps(FLEET, indent=2) + "\n")
     write_sim_engine(repo, "llama-2-13b", "b-slow-0", {"gpu": "A100-80G", "time_scale": 10.0, "max_num_batched_tokens": 16})  # fmt: skip
     write_sim_engine(repo, "mistral-7b", "b-fast-0", {"gpu": "A10", "time_scale": 1.0, "max_num_seqs": 4})  # fmt: skip
@@ -76,16 +79,15 @@ def bounds(triton: TritonServer) -> Iterator[TritonServer]:
         "request_timeout_s": TIMEOUT_S,
     }
     write_router(repo, settings, name=ROUTER)
-    client = grpcclient.InferenceServerClient(triton.grpc_url)
-    headers = admin_headers(ADMIN_KEY)
+    server = TritonServer(
+        repo, load_models=[SLOW, FAST, ROUTER], log_path=base / "server.log",
+        admin_key=ADMIN_KEY, extra_args=QUICK_EXIT,
+    )  # fmt: skip
+    server.start(timeout_s=120)
     try:
-        for model in (SLOW, FAST, ROUTER):
-            client.load_model(model, headers=headers)
-        yield triton
+        yield server
     finally:
-        for model in (ROUTER, SLOW, FAST):
-            client.unload_model(model, headers=headers)
-        client.close()
+        server.stop()
 
 
 def scrape(server: TritonServer) -> str:
