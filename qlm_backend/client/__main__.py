@@ -1,0 +1,5 @@
+import sys
+
+from qlm_backend.client.cli import main
+
+sys.exit(main())
