@@ -172,9 +172,11 @@ class TritonServer:
         )
         while time.monotonic() - t0 < timeout_s:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"tritonserver exited with code {self.proc.returncode}{self._log_tail()}"
-                )
+                msg = f"tritonserver exited with code {self.proc.returncode}{self._log_tail()}"
+                # Its stubs may outlive it, in its process group, each with its shared memory
+                # (one was found alive 90 minutes after such a failed start).
+                self.stop()
+                raise RuntimeError(msg)
             if self.is_ready() and not port_is_free(self.metrics_port, self.host):
                 return time.monotonic() - t0
             time.sleep(0.1)
