@@ -4,7 +4,7 @@ a result, and the heartbeat rule."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -119,6 +119,10 @@ class _Accumulator:
         return self.r
 
 
+def _timed_out(acc: _Accumulator, timeout_s: float) -> None:
+    acc.fail(f"no final response within {timeout_s:.0f} s", "TIMEOUT", "lost")
+
+
 def _silent(acc: _Accumulator, silence_s: float) -> None:
     acc.fail(
         f"the router sent nothing, not even a heartbeat, for {silence_s:.1f} s: it is gone "
@@ -139,3 +143,22 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         yield from self._events
         self.result = self._acc.r
+
+
+class _SyncClient:
+    """What the two sync clients share: a request's events as a Generation, or run to its end."""
+
+    def _events(self, req: Request, acc: _Accumulator) -> Iterator[str]:
+        raise NotImplementedError
+
+    def stream(self, req: Request) -> Generation:
+        acc = _Accumulator()
+        return Generation(self._events(req, acc), acc)
+
+    def generate(self, req: Request, on_text: Callable[[str], None] | None = None) -> Result:
+        gen = self.stream(req)
+        for text in gen:
+            if on_text is not None and text:
+                on_text(text)
+        assert gen.result is not None
+        return gen.result

@@ -11,11 +11,12 @@ from typing import Any
 
 from qlm_backend.client._common import (
     DEFAULT_GRPC_URL,
-    Generation,
     Request,
     Result,
     _Accumulator,
     _silent,
+    _SyncClient,
+    _timed_out,
 )
 from qlm_backend.contract import router_request_tensors
 
@@ -77,7 +78,7 @@ def _is_connection_error(status: str | None) -> bool:
     return status in ("DEADLINE_EXCEEDED",)
 
 
-class GrpcClient:
+class GrpcClient(_SyncClient):
     """Synchronous gRPC streaming client; one request at a time per client (tritonclient's rule)."""
 
     def __init__(self, url: str = DEFAULT_GRPC_URL, timeout_s: float = 600.0) -> None:
@@ -87,18 +88,6 @@ class GrpcClient:
         self.url = url
         self.timeout_s = timeout_s
         self._client = grpcclient.InferenceServerClient(url)
-
-    def stream(self, req: Request) -> Generation:
-        acc = _Accumulator()
-        return Generation(self._events(req, acc), acc)
-
-    def generate(self, req: Request, on_text: Callable[[str], None] | None = None) -> Result:
-        gen = self.stream(req)
-        for text in gen:
-            if on_text is not None and text:
-                on_text(text)
-        assert gen.result is not None
-        return gen.result
 
     def _events(self, req: Request, acc: _Accumulator) -> Iterator[str]:
         q: queue.Queue[tuple[Any, Any]] = queue.Queue()
@@ -130,8 +119,7 @@ class GrpcClient:
                     if silence is not None and silence < left:
                         _silent(acc, silence)
                     else:
-                        msg = f"no final response within {self.timeout_s:.0f} s"
-                        acc.fail(msg, "TIMEOUT", "lost")
+                        _timed_out(acc, self.timeout_s)
                     return
                 if error is not None:
                     msg, status = _grpc_error(error)
@@ -212,6 +200,15 @@ class AsyncGrpcClient:
         silence = req.silence_s
         watch = None if silence is None else loop.call_later(silence, on_silence)
         finished = False
+
+        def ended_by_a_timer() -> bool:
+            """Our own timers cancel the call: say which, if one did."""
+            if silent and silence is not None:
+                _silent(acc, silence)
+            elif timed_out:
+                _timed_out(acc, self.timeout_s)
+            return silent or timed_out
+
         try:
             async for res, error in it:
                 if watch is not None and silence is not None:
@@ -231,29 +228,17 @@ class AsyncGrpcClient:
                     finished = True
                     return
             finished = True
-            if silent and silence is not None:
-                _silent(acc, silence)
-            elif timed_out:
-                acc.fail(f"no final response within {self.timeout_s:.0f} s", "TIMEOUT", "lost")
-            else:
+            if not ended_by_a_timer():
                 acc.fail("the stream ended without a final response", "INCOMPLETE", "lost")
         except asyncio.CancelledError:
-            # Our own timers cancel the call (grpc.aio then raises CancelledError); anything
-            # else cancelling is the caller's business.
-            if not (silent or timed_out):
+            # grpc.aio raises CancelledError when our timers cancel the call; anything else
+            # cancelling is the caller's business.
+            if not ended_by_a_timer():
                 raise
             finished = True
-            if silent and silence is not None:
-                _silent(acc, silence)
-            else:
-                acc.fail(f"no final response within {self.timeout_s:.0f} s", "TIMEOUT", "lost")
         except Exception as e:  # noqa: BLE001 - transport failure or our timeout: no answer
             finished = True
-            if silent and silence is not None:
-                _silent(acc, silence)
-            elif timed_out:
-                acc.fail(f"no final response within {self.timeout_s:.0f} s", "TIMEOUT", "lost")
-            else:
+            if not ended_by_a_timer():
                 msg, status = _grpc_error(e)
                 acc.fail(msg, status, "lost")
         finally:

@@ -10,12 +10,12 @@ from typing import Any
 
 from qlm_backend.client._common import (
     DEFAULT_HTTP_URL,
-    Generation,
     Request,
     Result,
     _Accumulator,
     _final_reason,
     _silent,
+    _SyncClient,
 )
 
 
@@ -68,7 +68,7 @@ def _fold_event(acc: _Accumulator, ev: dict[str, Any]) -> tuple[str, bool, str |
     return text, _final_reason(ev.get("finish_reason")) is not None, None
 
 
-class HttpClient:
+class HttpClient(_SyncClient):
     """Synchronous HTTP client over Triton's generate_stream (server-sent events)."""
 
     def __init__(self, url: str = DEFAULT_HTTP_URL, timeout_s: float = 600.0) -> None:
@@ -76,18 +76,6 @@ class HttpClient:
         host, _, port = self.url.partition(":")
         self.host, self.port = host, int(port or 80)
         self.timeout_s = timeout_s
-
-    def stream(self, req: Request) -> Generation:
-        acc = _Accumulator()
-        return Generation(self._events(req, acc), acc)
-
-    def generate(self, req: Request, on_text: Callable[[str], None] | None = None) -> Result:
-        gen = self.stream(req)
-        for text in gen:
-            if on_text is not None and text:
-                on_text(text)
-        assert gen.result is not None
-        return gen.result
 
     def _events(self, req: Request, acc: _Accumulator) -> Iterator[str]:
         # With heartbeats, a read waits at most the silence that means the router is gone.

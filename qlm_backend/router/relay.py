@@ -71,7 +71,8 @@ class RelaySink:
     def send(self, f: Flight, text: str, num_tokens: int, reason: str | None, final: bool) -> bool:
         if self.gone:
             return False
-        self.last_s = self.relay.clock()
+        if self.heartbeat_s is not None:  # the clock only where a heartbeat may follow
+            self.last_s = self.relay.clock()
         extras = dict(f.extras) if f is not None and f.extras else None
         with self.relay.lock:
             last = self.pending[-1] if self.pending else None
@@ -97,11 +98,7 @@ class RelaySink:
             # Empty extras: the flight's are the last chunk's (its logprobs would go out twice).
             self.pending.append(_Data(f, [""], 0, None, False, joined=0, extras={}))
             self.relay.heartbeats += 1
-            # Behind the others' responses, and it does not count as the request's first: that
-            # one still goes ahead when it comes.
-            started, self.started = self.started, True
-            self.relay.ready(self)
-            self.started = started
+            self.relay.ready(self, heartbeat=True)
 
     def error(self, message: str, kind: ErrorKind) -> None:
         with self.relay.lock:
@@ -149,13 +146,14 @@ class Relay:
             if isinstance(f.sink, RelaySink) and f.sink.heartbeat_s is not None:
                 f.sink.keepalive(f, now)
 
-    def ready(self, s: RelaySink) -> None:
+    def ready(self, s: RelaySink, heartbeat: bool = False) -> None:
         """Called with the lock held: `s` has something to send. A request's first response goes
         ahead of the others' next ones: its time to first token is what an SLO counts, and those
-        others lose nothing but join one more token."""
+        others lose nothing but join one more token. A heartbeat goes behind them and is not the
+        request's first response."""
         if not s.queued:
             s.queued = True
-            if s.started:
+            if s.started or heartbeat:
                 self._ready.append(s)
             else:
                 s.started = True

@@ -184,10 +184,13 @@ class StreamDriver:
         self._spawn(self._run(flight, flight.stream_id, instance_id, priority))
 
     def stop(self, flight: Flight, stream_id: str, kind: StopKind, now: float) -> None:
+        self._cancel_stream(stream_id, kind)
+
+    def _cancel_stream(self, stream_id: str, why: str) -> None:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
             stream.cancel()  # reaches the engine's is_cancelled() within a step
-            self.log("info", f"stream {stream_id}: stopped ({kind})")
+            self.log("info", f"stream {stream_id}: stopped ({why})")
 
     def swap(
         self,
@@ -311,9 +314,7 @@ class StreamDriver:
             # stops the others; this one it takes for ended, but it hangs: it is cancelled here,
             # or the watch would go on probing the instance for it while it reloads.
             if i == instance and ex.on_stream_error(sid, msg, True, self.clock()):
-                stream = self._streams.pop(sid, None)
-                if stream is not None:
-                    stream.cancel()
+                self._cancel_stream(sid, "its instance failed")
                 return
 
     async def _swap(
