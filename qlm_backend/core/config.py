@@ -24,8 +24,13 @@ class ManagerConfig:
     # Requests whose deadlines fall in the same window share a group; 5 s keeps interactive groups
     # tight (20 s SLO) while a burst of batch work still collapses into few groups.
     group_window_s: float = 5.0
-    # Groups split past this size so one group can be spread over several instances.
+    # Groups split past this size so one group can be spread over several instances ...
     group_max_size: int = 64
+    # ... or past this smaller one while fewer than `group_small_below_queued` requests are queued:
+    # finer parts cost the planner little on a short queue and let the plan and each instance's
+    # order treat a burst's requests apart (docs/scheduling.md, "Finer groups on a short queue").
+    group_small_size: int = 16
+    group_small_below_queued: int = 400
     # --- replanning -----------------------------------------------------------------------
     replan_interval_s: float = 1.0  # timer: full replan at least this often while work is queued
     arrival_batch: int = 32  # full replan once this many arrivals are unplanned ...

@@ -103,7 +103,12 @@ class QueueManager:
         else:
             self.policy = policy
         self.estimator = RwtEstimator(self.classes, self.config)
-        self.groups = GroupIndex(self.config.group_window_s, self.config.group_max_size)
+        self.groups = GroupIndex(
+            self.config.group_window_s,
+            self.config.group_max_size,
+            small_size=self.config.group_small_size,
+            small_below=self.config.group_small_below_queued,
+        )
         self.requests: dict[str, RequestState] = {}
         self.instances: dict[str, InstanceState] = {}
         for spec in fleet.instances:

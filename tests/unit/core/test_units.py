@@ -84,6 +84,22 @@ def test_groups_window_and_split() -> None:
     assert a.request_ids == ["b", "a"]
 
 
+def test_groups_split_finer_while_the_queue_is_short() -> None:
+    gi = GroupIndex(window_s=5.0, max_size=3, small_size=1, small_below=2)
+    a = gi.add(make_request("a", deadline_s=20.0))
+    b = gi.add(make_request("b", deadline_s=20.5))  # 1 queued < 2: parts of 1 -> part 1
+    c = gi.add(make_request("c", deadline_s=21.0))  # 2 queued: parts of 3 again -> joins part 1
+    d = gi.add(make_request("d", deadline_s=21.5))
+    assert [g.group_id[-1] for g in (a, b, c, d)] == ["0", "1", "1", "1"]
+    assert gi.queued == 4
+    gi.remove(a.group_id, make_request("a", deadline_s=20.0))
+    gi.remove(b.group_id, make_request("b", deadline_s=20.5))
+    gi.remove(c.group_id, make_request("c", deadline_s=21.0))
+    assert gi.queued == 1  # short again: the next request opens a part of its own
+    e = gi.add(make_request("e", deadline_s=22.0))
+    assert e.group_id == "mistral-7b/interactive/4/2"
+
+
 def test_registry_unknown_name_lists_known() -> None:
     with pytest.raises(
         ValueError,
