@@ -34,6 +34,19 @@ class Request:
         """Silence after which the router counts as gone (None: no heartbeats asked)."""
         return None if self.heartbeat_s is None else MISSED_HEARTBEATS * self.heartbeat_s
 
+    def router_fields(self) -> dict[str, Any]:
+        """The router's optional inputs this request sets (same names over gRPC and HTTP)."""
+        d: dict[str, Any] = {}
+        if self.model is not None:
+            d["model"] = self.model
+        if self.slo_class is not None:
+            d["slo_class"] = self.slo_class
+        if self.ttft_slo_s is not None:
+            d["ttft_slo_s"] = float(self.ttft_slo_s)
+        if self.heartbeat_s is not None:
+            d["qlm_heartbeat_s"] = float(self.heartbeat_s)
+        return d
+
     def sampling_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"max_tokens": self.max_tokens, **self.sampling}
         if self.ignore_eos:

@@ -29,15 +29,8 @@ def grpc_inputs(req: Request, module: Any) -> list[Any]:
         "sampling_parameters": json.dumps(req.sampling_dict()),
         "return_num_output_tokens": True,
         "return_finish_reason": True,
+        **req.router_fields(),
     }
-    if req.model is not None:
-        fields["model"] = req.model
-    if req.slo_class is not None:
-        fields["slo_class"] = req.slo_class
-    if req.ttft_slo_s is not None:
-        fields["ttft_slo_s"] = float(req.ttft_slo_s)
-    if req.heartbeat_s is not None:
-        fields["qlm_heartbeat_s"] = float(req.heartbeat_s)
     inputs = []
     for name, arr, dtype in router_request_tensors(fields):
         inp = module.InferInput(name, list(arr.shape), dtype)

@@ -21,22 +21,14 @@ from qlm_backend.client._common import (
 
 def http_body(req: Request) -> dict[str, Any]:
     """The generate_stream JSON body: inputs and sampling keys as top-level fields."""
-    body: dict[str, Any] = {
+    return {
         "text_input": req.prompt,
         "stream": req.stream,
         "return_num_output_tokens": True,
         "return_finish_reason": True,
         **req.sampling_dict(),
+        **req.router_fields(),
     }
-    if req.model is not None:
-        body["model"] = req.model
-    if req.slo_class is not None:
-        body["slo_class"] = req.slo_class
-    if req.ttft_slo_s is not None:
-        body["ttft_slo_s"] = float(req.ttft_slo_s)
-    if req.heartbeat_s is not None:
-        body["qlm_heartbeat_s"] = float(req.heartbeat_s)
-    return body
 
 
 def _http_status_name(code: int) -> str:
