@@ -207,6 +207,7 @@ def test_interactive_behind_a_batch_burst_is_served_sooner_under_qlm(
     assert runs["priority-vllm"]["ttft_engine_s"] < 0.75 * fcfs
 
 
+@pytest.mark.timeout(400)  # up to 6 tries of ~20-30 s each (two 6000-token requests, a resume)
 def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
     vllm_server: VllmServer,
 ) -> None:
@@ -255,7 +256,10 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
         return urgent, batch, t_begin, t_sent
 
     tries: list[dict[str, Any]] = []
-    record = Tries("router_eviction", max_tries=4)
+    # 6 tries: on 2026-12-03 two tries in a row here were not judged (the client, stalled 14-15 s
+    # by the engine's generation, sent the urgent request after both batch requests had ended);
+    # every try is recorded with its cause and tries.py bounds the session's unjudged share.
+    record = Tries("router_eviction", max_tries=6)
     # The router evicts on an instance at most once per cooldown: a try right after one that
     # evicted (not judged) would see none.
     cooldown_s = ManagerConfig().qlm_evict_cooldown_s or ManagerConfig().evict_cooldown_s
