@@ -59,13 +59,6 @@ def _engine_aborts(vs: VllmServer) -> float:
     return _metric(vs, "vllm:request_success_total", model=ENGINE, finished_reason="abort")
 
 
-async def _settle_in(s: float = 1.0) -> None:
-    """Lets what was just sent reach the engine. A fixed wait, checked afterwards on the engine's
-    trace where it matters: polling the metrics endpoint instead is unreliable here, as one scrape
-    took up to 4.9 s while a burst was being admitted (this busy 2-core machine)."""
-    await asyncio.sleep(s)
-
-
 async def _wait_engine_idle(vs: VllmServer, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -90,6 +83,16 @@ def _settled_generation_tokens(vs: VllmServer, timeout_s: float = 30) -> float:
     return last
 
 
+def _burst_is_in(vs: VllmServer, router: str, n_batch: int) -> bool:
+    """Whether the engine runs MAX_NUM_SEQS requests and holds or queues the rest of the burst
+    (waiting in the engine, or in the router's queue for `qlm`)."""
+    text = vs.metrics_text()
+    running = metric_value(text, "vllm:num_requests_running", model=ENGINE) or 0.0
+    waiting = metric_value(text, "vllm:num_requests_waiting", model=ENGINE) or 0.0
+    queued = metric_value(text, "qlm_queue_length", router=router, model=MODEL, slo_class="batch-2")
+    return running >= MAX_NUM_SEQS and running + waiting + (queued or 0.0) >= n_batch
+
+
 async def _burst_then_interactive(
     vs: VllmServer, router: str, n_batch: int, batch_tokens: int, inter_sent: list[float]
 ) -> TimedStream:
@@ -104,11 +107,18 @@ async def _burst_then_interactive(
         )
         for i, b in enumerate(batch)
     ]
-    # The burst's streams open within tens of milliseconds (2 go into the engine, the rest queue in
-    # the router or the engine); the interactive request follows at once. A longer wait was no
-    # safer: a burst admitted into the engine whole was seen to stall this machine, the client
-    # included, for 6-20 s under load (a busy core beside it), while the burst drained.
-    await _settle_in(0.05)
+    # The interactive request goes as soon as the server shows the whole burst in (the engine's
+    # seats full, the rest waiting in the engine or queued in the router), by its own gauges. A
+    # fixed wait failed both ways: 1 s let the client stall for 6-20 s under load while the burst
+    # drained (a burst admitted into the engine whole stalls this machine); 0.05 s let the
+    # interactive request overtake the burst in a clean-clone run (fcfs seated it at once). A
+    # scrape was seen taking up to 4.9 s during a burst's admission: with ~2-4 s waves of 2, at
+    # least one wave still stands; the engine's trace judges each try.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not await asyncio.to_thread(
+        _burst_is_in, vs, router, n_batch
+    ):
+        await asyncio.sleep(0.05)
     inter_sent.append(time.monotonic())
     inter = await timed_stream(
         client, router, fields(8, "interactive", "are you there"), TimedStream()
@@ -136,8 +146,11 @@ def _one_burst_run(vs: VllmServer, router: str, n_batch: int, batch_tokens: int)
     t_router = h["arrival"] - queue_s  # when the router had it (the engine's clock: monotonic)
     in_engine = sum(1 for t in batch if t["arrival"] <= t_router < t["finished"])
     # Only the qlm router holds requests back: the burst requests the engine had not seen yet
-    # were in its queue (all were sent a second before the interactive one).
-    in_router = n_batch - sum(1 for t in batch if t["arrival"] <= t_router) if queue_s > 0 else 0
+    # were in its queue (the interactive request left once the router's gauge showed them
+    # there). fcfs and priority pass requests through their queue in milliseconds: a burst that
+    # had not reached the engine was not ahead (a clean-clone run counted it so).
+    held = router == "qlm-vllm" and queue_s > 0
+    in_router = n_batch - sum(1 for t in batch if t["arrival"] <= t_router) if held else 0
     return {
         # In the router's queue, then from the engine's arrival to its first token: free of
         # this client's own stalls (its asyncio loop was seen 4 s late here).
