@@ -1,7 +1,7 @@
-"""The short soak that `make test` runs: 60 s of trace-shaped Locust load through qlm.
+"""The short soak that `make test` runs: 30 s of trace-shaped Locust load through qlm.
 
 Nothing may be lost and the report (JSON and PNG) must be written; RSS growth is reported, not
-asserted: a minute is too short to tell a leak from warm-up (`make soak` runs 30 minutes).
+asserted: half a minute is too short to tell a leak from warm-up (`make soak` runs 30 minutes).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ pytestmark = pytest.mark.timeout(420)
 
 def test_short_soak_loses_nothing_and_writes_its_report(tmp_path, capsys):
     out = tmp_path / "soak.json"
-    # A lighter load than the default: the machine running `make test` is shared.
-    rc = soak.main(["--minutes", "1", "--load", "0.4", "--sample-s", "2", "--out", str(out)])
+    # A lighter load than the default: the machine running `make test` is shared. Half a minute
+    # (a minute until 2026-12-03): `make test` must stay under 15 minutes, and the drain, the
+    # report and the accounting are the same at any length.
+    rc = soak.main(["--minutes", "0.5", "--load", "0.4", "--sample-s", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     rep = json.loads(out.read_text())
     assert rep["lost"] == 0, rep["classes"]

@@ -113,11 +113,21 @@ def _outcomes(vs: VllmServer) -> dict[str, float]:
     }
 
 
-def _wait_for(cond: Any, timeout_s: float, what: str) -> None:
+def _wait_for(cond: Any, timeout_s: float, what: str, evidence: Any = None) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            seen = f"; seen meanwhile:\n{evidence()}" if evidence is not None else ""
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}{seen}")
         time.sleep(0.2)
+
+
+def _unload_lines(vs: VllmServer, offset: int) -> str:
+    """The server log's lines about an unload since `offset`: Triton's, the engine's, vLLM's."""
+    text = vs.log_path.read_text(errors="replace")[offset:]
+    keep = ("unload", "drain", "[shutdown]", "lifecycle", "stopped", DEEP_ENGINE)
+    lines = [ln[:240] for ln in text.splitlines() if any(k in ln for k in keep)]
+    return "\n".join(lines[-40:]) or "(no such line)"
 
 
 def _stable(vs: VllmServer) -> bool:
@@ -144,10 +154,19 @@ def _restore(vs: VllmServer, watch: IndexWatch) -> None:
     """Leave the server as the later tests expect it: tiny-llama loaded and awake, deep not."""
     st = watch.states()
     if st[DEEP_ENGINE] == "READY":
+        offset = len(vs.log_path.read_text(errors="replace"))
         watch.client.unload_model(DEEP_ENGINE, headers=watch.headers)
         # Triton's unload returns once it has begun: wait for the engine's processes to go, so
         # that the process list below is only what stays (the orphan test checks each one).
-        _wait_for(lambda: watch.states()[DEEP_ENGINE] == "UNAVAILABLE", 60, "deep unloaded")
+        # The engine's finalize() alone may take 60 s at worst (drain 30 s, vLLM's shutdown 20 s,
+        # each with 5 s of margin), here usually 4-7 s; a CI run (2026-12-03) passed 60 s
+        # without its log, so the lines of the unload come with a failure now.
+        _wait_for(
+            lambda: watch.states()[DEEP_ENGINE] == "UNAVAILABLE",
+            150,
+            "deep unloaded",
+            lambda: _unload_lines(vs, offset),
+        )
         _wait_for(lambda: _stable(vs), 30, "deep's processes gone")
     if st[ENGINE] != "READY":
         watch.client.load_model(ENGINE, headers=watch.headers)
