@@ -366,6 +366,11 @@ def _priority_run(vs: VllmServer, use_priority: bool, low_tokens: list[int]) -> 
         "queued": len(queued),
         "queued_first_token_s": sorted(rel(t, "engine_first_token") for t in queued.values()),
         "low_first_token_s": {n: rel(t, "engine_first_token") for n, t in by_tokens.items()},
+        # Each request's vLLM queued and scheduled times, relative to the urgent one's queued time.
+        "queued_scheduled_s": {
+            n: (round(t["queued"] - t_sched, 3), round(t["scheduled"] - t_sched, 3))
+            for n, t in by_tokens.items()
+        },
     }
     print(f"\npriority={use_priority}: {out}")
     return out
@@ -388,7 +393,11 @@ def test_priority_serves_urgent_request_before_queued_ones(vllm_server: VllmServ
             r = _priority_run(vllm_server, use_priority, low_tokens)
             r["attempts"] = len(tries.records) + 1
             ok = r["queued"] >= min_queued
-            tries.add("judged" if ok else "precondition", queued=r["queued"])
+            tries.add(
+                "judged" if ok else "precondition",
+                queued=r["queued"],
+                queued_scheduled_s=r["queued_scheduled_s"],
+            )
         tries.done(vllm_server.figures)
         return r
 
