@@ -84,6 +84,11 @@ class ManagerConfig:
     # behind every far-deadline request gave interactive requests a TTFT p99 near 300 s in
     # qlm-eval wa. inf: hopeless work last (pure SLO attainment).
     hopeless_before_slack_s: float = 300.0
+    # Hysteresis on moving a queued group between instances (the fallback planner): it stays
+    # where the last plan put it unless another instance would finish it this share sooner. Without
+    # it a late group flipped between two identical instances at every plan (docs/scheduling.md,
+    # session 13); development set, seeds 0-9, 0.2 against 0: nine of ten cells -0.0003 to +0.0040.
+    rebalance_hysteresis: float = 0.2
     # --- estimator ------------------------------------------------------------------------
     ewma_alpha: float = 0.05  # weight of one observation in the online statistics
     default_prior: OutputPrior = field(default_factory=OutputPrior)
@@ -164,6 +169,10 @@ class ManagerConfig:
         if self.plan_budget_clock not in BUDGET_CLOCKS:
             raise ValueError(
                 f"plan_budget_clock: must be one of {BUDGET_CLOCKS}, got {self.plan_budget_clock!r}"
+            )
+        if not 0.0 <= self.rebalance_hysteresis < 1.0:
+            raise ValueError(
+                f"rebalance_hysteresis: must be in [0, 1), got {self.rebalance_hysteresis!r}"
             )
 
     def with_(self, **kw: Any) -> ManagerConfig:

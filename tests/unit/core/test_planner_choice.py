@@ -83,6 +83,28 @@ def test_wholly_late_groups_are_spread_not_piled_on_one_instance() -> None:
     assert out == [(0, 1, 4), (1, 0, 4), (2, 1, 4), (3, 0, 4)]
 
 
+def test_a_queued_group_stays_where_it_was_unless_another_instance_is_clearly_sooner() -> None:
+    from qlm_backend.core.policies.qlm.heuristic import swap_aware_edf
+
+    # One late group; "a" is free 1 s sooner than "b", where the last plan put the group.
+    p = _late_problem(1)
+    p.base_s = np.array([4.0, 5.0])
+    p.prev_i = np.array([1])
+    assert swap_aware_edf(p) == [(0, 0, 4)]  # no hysteresis: the sooner finish (14 s vs 15 s)
+    # 15 s x (1 - 0.1) = 13.5 s < 14 s: it stays on "b".
+    assert swap_aware_edf(p, hysteresis=0.1) == [(0, 1, 4)]
+    # "a" 5 s sooner (10 s vs 15 x 0.9 = 13.5 s): it moves.
+    p.base_s = np.array([0.0, 5.0])
+    assert swap_aware_edf(p, hysteresis=0.1) == [(0, 0, 4)]
+
+
+def test_rebalance_hysteresis_outside_0_to_1_is_refused_naming_the_field() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="rebalance_hysteresis"):
+        ManagerConfig(rebalance_hysteresis=1.0)
+
+
 def _busy_interactive(evict_victims: str, **cfg: object) -> QueueManager:
     # One A10 with 4 slots, all held by interactive requests that have their first token; an
     # interactive request with a 1.5 s TTFT SLO arrives at t=4 and cannot get a slot in time.

@@ -18,7 +18,9 @@ from qlm_backend.core.policies.qlm.problem import Problem
 Assignment = list[tuple[int, int, int]]  # (group index, instance index, number of requests)
 
 
-def swap_aware_edf(p: Problem, hopeless_before_slack_s: float = math.inf) -> Assignment:
+def swap_aware_edf(
+    p: Problem, hopeless_before_slack_s: float = math.inf, hysteresis: float = 0.0
+) -> Assignment:
     k = p.cand.shape[1]
     models_on: list[set[str]] = [{c} if c is not None else set() for c in p.current]
     lost = p.slack_s < p.prefill_s[:, 0]
@@ -33,6 +35,8 @@ def swap_aware_edf(p: Problem, hopeless_before_slack_s: float = math.inf) -> Ass
     pre, slack, n_of = p.prefill_s.ravel().tolist(), p.slack_s.tolist(), p.n.tolist()
     cur: list[float] = p.base_s.tolist()  # when each instance's queue frees
     models = p.group_models
+    prev = p.prev_i.tolist() if p.prev_i is not None and hysteresis > 0 else None
+    stay = 1.0 - hysteresis
     for g in order.tolist():
         n_g = n_of[g]
         remaining = int(n_g)
@@ -42,6 +46,7 @@ def swap_aware_edf(p: Problem, hopeless_before_slack_s: float = math.inf) -> Ass
         model = models[g]
         slack_g = slack[g]
         used: set[int] = set()
+        home = prev[g] if prev is not None else -1
         while remaining > 0:
             best_c, best_key = -1, (True, math.inf)
             for c in range(row, row + k):
@@ -52,7 +57,8 @@ def swap_aware_edf(p: Problem, hopeless_before_slack_s: float = math.inf) -> Ass
                     continue
                 start = cur[i] + (0.0 if model in models_on[i] else swap[c])
                 miss = start + pre[c] > slack_g
-                key = (miss, start + work[c] * remaining / n_g)
+                finish = start + work[c] * remaining / n_g
+                key = (miss, finish if i != home else finish * stay)
                 if key < best_key:
                     best_c, best_key = c, key
             if best_c < 0:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from qlm_backend.core.config import ManagerConfig
 from qlm_backend.core.decisions import PlanDecision, PlanPath
 from qlm_backend.core.estimator import GroupForecast
 from qlm_backend.core.groups import RequestGroup
@@ -24,6 +25,10 @@ from qlm_backend.core.policies.qlm.ordering import order_queue
 from qlm_backend.core.policies.qlm.problem import Problem, build_problem
 
 SolverMode = Literal["auto", "lp", "fallback"]
+
+
+def _heuristic(p: Problem, cfg: ManagerConfig) -> Assignment:
+    return swap_aware_edf(p, cfg.hopeless_before_slack_s, cfg.rebalance_hysteresis)
 
 
 class GlobalPlanner:
@@ -52,14 +57,14 @@ class GlobalPlanner:
             return [], "fallback", "nothing queued", info
         if self.solver == "fallback":
             return (
-                swap_aware_edf(p, cfg.hopeless_before_slack_s),
+                _heuristic(p, cfg),
                 "fallback",
                 "fallback forced",
                 info,
             )
         if self.solver == "auto" and cfg.lp_only_with_swaps and not bool((p.swap_s > 0).any()):
             why = "no model-swap choice: heuristic load balancing"
-            return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
+            return _heuristic(p, cfg), "fallback", why, info
         cols, nnz = estimate_size(p, cfg.time_buckets)
         info["cols"] = float(cols)
         work_clock = cfg.plan_budget_clock == "work"
@@ -68,10 +73,10 @@ class GlobalPlanner:
         if self.solver == "auto":
             if budget <= 0:
                 why = f"budget {cfg.plan_budget_s * 1e3:.0f} ms exhausted before solve"
-                return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
+                return _heuristic(p, cfg), "fallback", why, info
             if cols > cfg.lp_max_cols:
                 why = f"too big: {cols} columns > lp_max_cols {cfg.lp_max_cols}"
-                return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
+                return _heuristic(p, cfg), "fallback", why, info
             # Straight to the fallback when the LP would not fit: trying it and running out of
             # budget would cost the LP's time plus the fallback's.
             predicted = predict_lp_s(nnz, cfg.lp_s_per_nonzero, cfg.lp_nnz_knee)
@@ -81,7 +86,7 @@ class GlobalPlanner:
                     f"predicted LP time {predicted * 1e3:.1f} ms + {rest * 1e3:.1f} ms after it > "
                     f"budget left {budget * 1e3:.1f} ms ({cols} columns, {nnz} nonzeros)"
                 )
-                return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
+                return _heuristic(p, cfg), "fallback", why, info
         else:
             budget = max(budget, 3600.0)  # forced LP (benchmarks): no budget
         res = solve_lp(
@@ -98,7 +103,7 @@ class GlobalPlanner:
         )
         if res.status != "optimal":
             why = f"solver {res.status} ({res.formulation}, budget {budget * 1e3:.1f} ms)"
-            return swap_aware_edf(p, cfg.hopeless_before_slack_s), "fallback", why, info
+            return _heuristic(p, cfg), "fallback", why, info
         return res.assignment, "lp", f"lp optimal ({res.formulation}, {res.cols} columns)", info
 
     def plan(
@@ -131,7 +136,7 @@ class GlobalPlanner:
             # plan costs O(G k) plus one more ordering, so weigh it too and keep the plan with
             # fewer expected weighted violations (qlm-eval wa: the LP alone planned worse than
             # the heuristic alone).
-            h_assign = swap_aware_edf(p, ctx.config.hopeless_before_slack_s)
+            h_assign = _heuristic(p, ctx.config)
             hq, hf, hv = self._materialise(ctx, now, gl, p, h_assign, keep)
             if hv <= total_viol - ctx.config.lp_replace_margin:
                 why = (

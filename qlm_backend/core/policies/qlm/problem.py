@@ -33,6 +33,8 @@ class Problem:
     cand: np.ndarray  # (G, k) instance index, -1 = none
     work_s: np.ndarray  # (G, k) instance-seconds of the whole group there
     swap_s: np.ndarray  # (G, k) load time if the candidate must change model, else 0
+    # (G,) instance index of the group's first entry in the last plan, -1 = none
+    prev_i: np.ndarray | None = None
 
     @property
     def num_groups(self) -> int:
@@ -170,6 +172,18 @@ def build_problem(
         work[gidx, :kc] = np.take_along_axis(wk, ak[part], axis=1)
         swap[gidx, :kc] = lsw[part]
         pre[gidx, :kc] = pf[part]
+    prev_i = np.full(G, -1, dtype=np.int64)
+    if ctx.previous is not None:
+        pos_of = {iid: j for j, iid in enumerate(iids)}
+        where: dict[str, int] = {}
+        for iid, entries in ctx.previous.queues.items():
+            jp = pos_of.get(iid)
+            if jp is None:
+                continue
+            for e in entries:
+                where.setdefault(e.group_id, jp)
+        for gi, g in enumerate(groups):
+            prev_i[gi] = where.get(g.group_id, -1)
     return Problem(
         now=now,
         group_ids=[g.group_id for g in groups],
@@ -184,6 +198,7 @@ def build_problem(
         cand=cand,
         work_s=work,
         swap_s=swap,
+        prev_i=prev_i,
     )
 
 
