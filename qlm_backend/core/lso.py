@@ -268,20 +268,12 @@ def execute_plan(
 
 def _rebalances(previous: Plan, plan: Plan) -> list[Rebalance]:
     """A notice for each group whose first instance changed between two plans."""
-    before: dict[str, str] = {}
-    for iid, entries in previous.queues.items():
-        for e in entries:
-            before.setdefault(e.group_id, iid)
+    before = previous.first_instances()
     out: list[Rebalance] = []
-    seen: set[str] = set()
-    for iid, entries in plan.queues.items():
-        for e in entries:
-            if e.group_id in seen:
-                continue
-            seen.add(e.group_id)
-            old = before.get(e.group_id)
-            if old is not None and old != iid:
-                out.append(Rebalance(e.group_id, old, iid))
+    for gid, iid in plan.first_instances().items():
+        old = before.get(gid)
+        if old is not None and old != iid:
+            out.append(Rebalance(gid, old, iid))
     return out
 
 

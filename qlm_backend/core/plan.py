@@ -37,6 +37,14 @@ class Plan:
     evictions: list[tuple[str, str]] = field(default_factory=list)  # (request_id, reason)
     decision: PlanDecision | None = None
 
+    def first_instances(self) -> dict[str, str]:
+        """Group id -> the instance whose queue holds the group's first entry."""
+        out: dict[str, str] = {}
+        for iid, entries in self.queues.items():
+            for e in entries:
+                out.setdefault(e.group_id, iid)
+        return out
+
 
 @dataclass
 class PlanContext:

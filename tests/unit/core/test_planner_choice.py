@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import make_fleet, make_request
 
 from qlm_backend.core.actions import Evict, Pull
@@ -99,8 +100,6 @@ def test_a_queued_group_stays_where_it_was_unless_another_instance_is_clearly_so
 
 
 def test_rebalance_hysteresis_outside_0_to_1_is_refused_naming_the_field() -> None:
-    import pytest
-
     with pytest.raises(ValueError, match="rebalance_hysteresis"):
         ManagerConfig(rebalance_hysteresis=1.0)
 

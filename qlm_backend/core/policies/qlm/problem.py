@@ -172,18 +172,14 @@ def build_problem(
         work[gidx, :kc] = np.take_along_axis(wk, ak[part], axis=1)
         swap[gidx, :kc] = lsw[part]
         pre[gidx, :kc] = pf[part]
-    prev_i = np.full(G, -1, dtype=np.int64)
-    if ctx.previous is not None:
+    prev_i = None
+    # Only the fallback's rebalance hysteresis reads it: not built on every plan when that is off.
+    if ctx.previous is not None and ctx.config.rebalance_hysteresis > 0:
         pos_of = {iid: j for j, iid in enumerate(iids)}
-        where: dict[str, int] = {}
-        for iid, entries in ctx.previous.queues.items():
-            jp = pos_of.get(iid)
-            if jp is None:
-                continue
-            for e in entries:
-                where.setdefault(e.group_id, jp)
-        for gi, g in enumerate(groups):
-            prev_i[gi] = where.get(g.group_id, -1)
+        where = ctx.previous.first_instances()
+        prev_i = np.fromiter(
+            (pos_of.get(where.get(g.group_id, ""), -1) for g in groups), dtype=np.int64, count=G
+        )
     return Problem(
         now=now,
         group_ids=[g.group_id for g in groups],
