@@ -77,6 +77,9 @@ class ControlReply:
     asleep: bool
     seconds: float = 0.0
     aborted: int = 0
+    # Generate requests the engine holds once the operation is done (0 after a sleep): a model
+    # whose unload waits on them shows them here.
+    in_flight: int = 0
 
     def to_json(self) -> str:
         return json.dumps(
@@ -85,6 +88,7 @@ class ControlReply:
                 "state": "asleep" if self.asleep else "awake",
                 "seconds": round(self.seconds, 4),
                 "aborted": self.aborted,
+                "in_flight": self.in_flight,
             }
         )
 
@@ -92,7 +96,13 @@ class ControlReply:
     def from_json(cls, text: str) -> ControlReply:
         try:
             d = json.loads(text)
-            return cls(d["op"], d["state"] == "asleep", float(d["seconds"]), int(d["aborted"]))
+            return cls(
+                d["op"],
+                d["state"] == "asleep",
+                float(d["seconds"]),
+                int(d["aborted"]),
+                int(d.get("in_flight", 0)),  # absent from an engine older than the field
+            )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a control reply: {text[:200]!r} ({e})") from None
 

@@ -26,6 +26,7 @@ import functools
 import locale
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -105,6 +106,7 @@ class _Request:
     engine_last_token_ts: float = 0.0
     first_sent: float = 0.0  # when the first response's send() returned (I/O thread)
     last_poll: float = 0.0
+    started: bool = False  # _generate's body ran (a task cancelled before its first step never)
     final_queued: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     # Set (on the loop) once the I/O thread has sent this request's previous response.
@@ -328,6 +330,7 @@ class VllmEngineModel:
         req.task.add_done_callback(functools.partial(self._settle, req))
 
     async def _generate(self, req: _Request, sampling: Any) -> None:
+        req.started = True
         reason = "error"
         try:
             ids = self._resume.take(req.params.prompt) if self._resume is not None else None
@@ -400,16 +403,10 @@ class VllmEngineModel:
             reason = "abort"
             with contextlib.suppress(Exception):
                 await self.engine.abort(req.rid)
-            gone = self._closing or self._sleeping_now
+            gone = self._gone()
             if not gone and self._resume is not None and req.resumable is not None:
                 self._resume.remember(req.resumable)  # an eviction: its resume may come
-            msg = (
-                f"{self.name}: model {'unloaded' if self._closing else 'put to sleep'} "
-                "while the request was running"
-                if gone
-                else "Request was cancelled"
-            )
-            self._error(req, msg, "unavailable" if gone else "cancelled")
+            self._error(req, self._ended_message(), "unavailable" if gone else "cancelled")
         except Exception as e:  # noqa: BLE001 - a failed request answers with an error, never hangs
             self.logger.log_error(
                 f"{self.name}: request {req.rid} failed: {traceback.format_exc()}"
@@ -423,11 +420,32 @@ class VllmEngineModel:
 
     def _settle(self, req: _Request, _task: object = None) -> None:
         self._active.pop(req.rid, None)
+        if not req.started:
+            # Cancelled before its first step (a sleep or an unload in the same loop turn as its
+            # admission): the body never ran, so nothing answered it. Its client gets the error
+            # here; left unanswered, its response sender (and with it the model: Triton's response
+            # factory holds it) lived on until a garbage collection, and an unload waited for it.
+            self._error(req, self._ended_message(), "unavailable" if self._gone() else "cancelled")
+            self._observe(req, "abort")
+            if self._trace:
+                self._trace_request(req, "abort")
+        # The task's coroutine holds `req`: a cycle the reference count alone never frees.
+        req.task = None
         if req.first_token is None:
             self._waiting -= 1
         else:
             self._running -= 1
         self._publish_load()
+
+    def _gone(self) -> bool:
+        """The engine itself ends its requests now (an unload, or a sleep under way)."""
+        return self._closing or self._sleeping_now
+
+    def _ended_message(self) -> str:
+        if self._gone():
+            state = "unloaded" if self._closing else "put to sleep"
+            return f"{self.name}: model {state} while the request was running"
+        return "Request was cancelled"
 
     def _publish_load(self) -> None:
         m = self.metrics
@@ -543,7 +561,7 @@ class VllmEngineModel:
         t1 = time.monotonic()
         if changed:
             self.logger.log_info(lifecycle_line(self.name, ctl.op, t0, t1))
-        reply = ControlReply(ctl.op, self._asleep, t1 - t0, aborted)
+        reply = ControlReply(ctl.op, self._asleep, t1 - t0, aborted, len(self._active))
         arrays = output_arrays(frozenset(), reply.to_json(), None, 0.0, None, 0, 0)
         response = make_response(arrays)
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -554,21 +572,33 @@ class VllmEngineModel:
         """Drain (new requests get UNAVAILABLE), then stop the engine processes and the threads."""
         t0 = time.monotonic()
         self._closing = True
+        # Straight to the stub's stderr (Triton's log), not through pb_utils' logger: that is a
+        # round trip to the server, and an unload that stalls should still say how far it got.
+        self._stderr(f"unload begun: {len(self._active)} requests in flight")
+        warnings = []
         try:
             self.loop.submit(self._drain()).result(timeout=DRAIN_TIMEOUT_S + 5)
         except Exception as e:  # noqa: BLE001 - best effort on unload; the engine still stops
-            self.logger.log_warn(f"{self.name}: drain failed: {e!r}")
+            warnings.append(f"drain failed: {e!r}")
+        self._stderr("drained; stopping the vLLM engine")
         try:
             # Stops EngineCore and its worker (SIGTERM, then waits); left running they hold GBs.
             self.loop.submit(self._shutdown_engine()).result(timeout=ENGINE_SHUTDOWN_TIMEOUT_S + 5)
         except Exception as e:  # noqa: BLE001
-            self.logger.log_warn(f"{self.name}: engine shutdown failed: {e!r}")
+            warnings.append(f"engine shutdown failed: {e!r}")
+        self._stderr("vLLM engine stopped; closing threads and metrics")
         self.loop.stop()
         self._io.stop()
         if self.metrics is not None:
             self.metrics.close()
+        for w in warnings:
+            self.logger.log_warn(f"{self.name}: {w}")
         self.logger.log_info(lifecycle_line(self.name, "unload", t0, time.monotonic()))
         self.logger.log_info(f"{self.name}: vLLM engine stopped")
+
+    def _stderr(self, msg: str) -> None:
+        with contextlib.suppress(Exception):
+            print(f"{self.name}: {msg}", file=sys.stderr, flush=True)
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + DRAIN_TIMEOUT_S

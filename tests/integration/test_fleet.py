@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import tritonclient.grpc.aio as grpcaio
+from conftest import QUICK_EXIT
 from streams import TimedStream, timed_stream
 
 from qlm_backend.triton.repository import engine_model_name, write_router, write_sim_engine
@@ -47,7 +48,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Triton
                     "max_in_flight": 8,
                 }
             )
-        servers[name] = TritonServer(repo, load_models=loads, log_path=base / f"{name}.log")
+        # A short exit timeout: the router's server holds streams to the engine server a test
+        # stopped, and Triton's default 30 s wait for them only slows the teardown.
+        servers[name] = TritonServer(
+            repo, load_models=loads, log_path=base / f"{name}.log", extra_args=QUICK_EXIT
+        )
         for iid, _, _ in insts:
             instance_servers[iid] = f"grpc://{servers[name].grpc_url}"
     router_repo = base / "router"
@@ -57,7 +62,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Triton
         router_repo,
         {"policy": "qlm", "time_scale": TIME_SCALE, "instance_servers": instance_servers},
     )
-    servers["router"] = TritonServer(router_repo, load_models=["qlm"], log_path=base / "router.log")
+    servers["router"] = TritonServer(
+        router_repo, load_models=["qlm"], log_path=base / "router.log", extra_args=QUICK_EXIT
+    )
     try:
         for s in servers.values():
             s.start(timeout_s=90)

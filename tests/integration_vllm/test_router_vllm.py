@@ -370,7 +370,9 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
         probe = text[: min(2000, before_tokens // 2)]
         second = text.find(probe, 1)
         assert second == -1, (
-            f"the first {len(probe)} characters again at {second} of {len(text)}: "
+            f"the first {len(probe)} characters again at {_occurrences(text, probe)} of "
+            f"{len(text)} (responses of {[len(t) for t in b.texts]} characters; the resume "
+            f"asked for {int(resumed[0]['output_tokens'])} tokens after {before_tokens}): "
             f"{text[max(0, second - 60) : second + 100]!r}",
             tries[-1],
         )
@@ -401,6 +403,16 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
         "tries": tries,
     }
     print(f"\nrouter over vLLM, eviction: {vllm_server.figures['router_eviction']}")
+
+
+def _occurrences(text: str, probe: str, most: int = 8) -> list[int]:
+    """Where `probe` appears in `text` after its start: a model repeating itself shows a period,
+    a resume that sent the text so far again shows one place, at the resume."""
+    found, at = [], text.find(probe, 1)
+    while at != -1 and len(found) < most:
+        found.append(at)
+        at = text.find(probe, at + 1)
+    return found
 
 
 def _lost_cancel_causes(vs: VllmServer, log_from: int, ran_out: list[str]) -> list[tuple[str, str]]:

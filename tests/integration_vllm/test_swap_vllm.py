@@ -122,12 +122,28 @@ def _wait_for(cond: Any, timeout_s: float, what: str, evidence: Any = None) -> N
         time.sleep(0.2)
 
 
-def _unload_lines(vs: VllmServer, offset: int) -> str:
-    """The server log's lines about an unload since `offset`: Triton's, the engine's, vLLM's."""
+def _unload_evidence(vs: VllmServer, watch: IndexWatch, offset: int) -> str:
+    """What a stuck unload leaves to see: the model's index entry, whether its stub still answers
+    a control request, the server log's lines about an unload since `offset` and its last lines."""
+    try:
+        idx = watch.client.get_model_repository_index(headers=watch.headers, as_json=True)
+        entry = [m for m in idx.get("models", []) if m.get("name") == DEEP_ENGINE]
+    except Exception as e:  # noqa: BLE001 - evidence is best effort
+        entry = [{"index": repr(e)}]
+    try:
+        reply: object = control(vs, DEEP_ENGINE, "state", timeout_s=10)
+    except Exception as e:  # noqa: BLE001
+        reply = repr(e)
     text = vs.log_path.read_text(errors="replace")[offset:]
     keep = ("unload", "drain", "[shutdown]", "lifecycle", "stopped", DEEP_ENGINE)
     lines = [ln[:240] for ln in text.splitlines() if any(k in ln for k in keep)]
-    return "\n".join(lines[-40:]) or "(no such line)"
+    tail = [ln[:240] for ln in vs.log_path.read_text(errors="replace").splitlines()[-25:]]
+    return (
+        f"index entry: {entry}\nstate control: {reply}\nunload lines since the call:\n"
+        + ("\n".join(lines[-40:]) or "(no such line)")
+        + "\nlog tail:\n"
+        + "\n".join(tail)
+    )
 
 
 def _stable(vs: VllmServer) -> bool:
@@ -137,13 +153,13 @@ def _stable(vs: VllmServer) -> bool:
     return vs.server.descendants() == before
 
 
-def control(vs: VllmServer, engine: str, op: ControlOp) -> ControlReply:
+def control(vs: VllmServer, engine: str, op: ControlOp, timeout_s: float = 60) -> ControlReply:
     """A control request to an engine, as the router sends it (the admin key included)."""
 
     async def go() -> ControlReply:
         srv = EngineServer(vs.grpc_url, admin_headers(ADMIN_KEY), ADMIN_KEY)
         try:
-            return await srv.control(engine, op)
+            return await asyncio.wait_for(srv.control(engine, op), timeout_s)
         finally:
             await srv.close()
 
@@ -155,17 +171,20 @@ def _restore(vs: VllmServer, watch: IndexWatch) -> None:
     st = watch.states()
     if st[DEEP_ENGINE] == "READY":
         offset = len(vs.log_path.read_text(errors="replace"))
+        # What deep holds before its unload (once unloading, Triton sends it nothing more).
+        before = control(vs, DEEP_ENGINE, "state", timeout_s=10)
         watch.client.unload_model(DEEP_ENGINE, headers=watch.headers)
         # Triton's unload returns once it has begun: wait for the engine's processes to go, so
         # that the process list below is only what stays (the orphan test checks each one).
         # The engine's finalize() alone may take 60 s at worst (drain 30 s, vLLM's shutdown 20 s,
-        # each with 5 s of margin), here usually 4-7 s; a CI run (2026-12-03) passed 60 s
-        # without its log, so the lines of the unload come with a failure now.
+        # each with 5 s of margin), here usually 4-7 s. Two CI runs and one local full-suite
+        # run (of six) saw it never begin (2026-12-03): the failure carries what deep held
+        # before the unload, its index entry and the log lines of the unload.
         _wait_for(
             lambda: watch.states()[DEEP_ENGINE] == "UNAVAILABLE",
-            150,
+            90,
             "deep unloaded",
-            lambda: _unload_lines(vs, offset),
+            lambda: f"before the unload: {before}\n{_unload_evidence(vs, watch, offset)}",
         )
         _wait_for(lambda: _stable(vs), 30, "deep's processes gone")
     if st[ENGINE] != "READY":

@@ -42,9 +42,12 @@ def test_a_restricted_server_wants_the_admin_key() -> None:
 
 
 def test_the_reply_round_trips_through_its_json_text() -> None:
-    r = ControlReply("wake", asleep=False, seconds=0.01234, aborted=2)
+    r = ControlReply("wake", asleep=False, seconds=0.01234, aborted=2, in_flight=1)
     back = ControlReply.from_json(r.to_json())
-    assert back == ControlReply("wake", False, 0.0123, 2)
+    assert back == ControlReply("wake", False, 0.0123, 2, 1)
     assert json.loads(r.to_json())["state"] == "awake"
+    # A reply without in_flight (an engine from before the field) still reads, as 0.
+    old = '{"op": "state", "state": "asleep", "seconds": 0.0, "aborted": 0}'
+    assert ControlReply.from_json(old) == ControlReply("state", True)
     with pytest.raises(ValueError, match="not a control reply"):
         ControlReply.from_json("hello")
