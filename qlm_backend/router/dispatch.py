@@ -60,6 +60,23 @@ class EngineStream:
         self._done.set()
         self._it.cancel()
 
+    async def finish(self, timeout_s: float = 5.0) -> None:
+        """End a stream whose request has had its last response without cancelling the call:
+        close the request side and let the server end it. Triton 2.51's gRPC frontend races a
+        client's cancel against the stream's end (docs/reliability.md, Known issues); a cancel
+        that loses may leave the request, and with it the model, held, so that an unload of the
+        model never begins. Cancelled after `timeout_s` if the server does not end it."""
+        self._done.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for _ in self._it:
+                    pass
+        except asyncio.CancelledError:
+            self._it.cancel()
+            raise
+        except Exception:  # noqa: BLE001 - timed out or failed: end it the other way
+            self._it.cancel()
+
     async def chunks(self) -> AsyncIterator[Chunk]:
         try:
             async for result, error in self._it:
@@ -151,13 +168,20 @@ class EngineServer:
         """Sleep, wake or ask the state of a running engine (vllm_engine/control.py)."""
         params = control_parameters(op, self.admin_key)
         stream = EngineStream(self.client, model, {"text_input": "-"}, f"control-{op}", params)
+        reply: ControlReply | None = None
         try:
             # One response (FINAL, no finish_reason): the first chunk is the whole reply.
             async for ch in stream.chunks():
-                return ControlReply.from_json(ch.text)
-        finally:
+                reply = ControlReply.from_json(ch.text)
+                break
+        except BaseException:
             stream.cancel()
-        raise EngineError(f"{model}: no reply to {op}", unavailable=True)
+            raise
+        if reply is None:
+            stream.cancel()
+            raise EngineError(f"{model}: no reply to {op}", unavailable=True)
+        await stream.finish()
+        return reply
 
     async def wait_unloaded(self, model: str, timeout_s: float, poll_s: float = 0.2) -> float:
         """Seconds until the repository index shows `model` neither loaded nor unloading.

@@ -61,7 +61,7 @@ from qlm_backend.vllm_engine.config import VllmEngineArgs, load_engine_args
 from qlm_backend.vllm_engine.control import Control, ControlReply, parse_control
 from qlm_backend.vllm_engine.devices import ENV as CUDA_ENV
 from qlm_backend.vllm_engine.devices import check_instance_kind, cuda_visible_devices
-from qlm_backend.vllm_engine.resume import Resumable, ResumeMemory
+from qlm_backend.vllm_engine.resume import PrefillEcho, Resumable, ResumeMemory
 from qlm_backend.vllm_engine.trace import lifecycle_line
 
 # How often a request that produced no output is asked whether its client left: each poll is one
@@ -287,6 +287,13 @@ class VllmEngineModel:
             self.loop.call(self._admit, sender, params, sampling, request.request_id())
         return None
 
+    def _decode(self, ids: list[int]) -> str:
+        # The tokenizers library's own decode, as vLLM's detokenizer uses it (transformers' may
+        # also clean up spaces, and would then not match what vLLM sends).
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        decode = backend.decode if backend is not None else self._tokenizer.decode
+        return str(decode(ids, skip_special_tokens=True))
+
     def _count_tokens(self, text: str) -> int:
         return len(self._tokenizer.encode(text, add_special_tokens=True))
 
@@ -336,12 +343,21 @@ class VllmEngineModel:
             ids = self._resume.take(req.params.prompt) if self._resume is not None else None
             req.exact_resume = ids is not None
             prompt: Any = {"prompt_token_ids": ids} if ids is not None else req.params.prompt
+            # What vLLM may echo of a token-id prompt (resume.py: PrefillEcho).
+            echo = PrefillEcho(self._decode(ids)) if ids is not None else None
             gen = self.engine.generate(prompt, sampling, req.rid, priority=req.params.priority)
             # The responder gathers a non-streaming request's deltas: it answers once, at the end.
             responder = Responder(req.params)
             serialise = "return_logprobs" in req.params.returns
             async for out in gen:
                 c = out.outputs[0]
+                text = c.text if echo is None else echo.take(c.text)
+                if echo is not None and echo.stripped:
+                    self.logger.log_info(
+                        f"{self.name}: request {req.rid}: took back {echo.stripped} characters "
+                        "of prompt text vLLM sent as output (resume.py: PrefillEcho)"
+                    )
+                    echo = None
                 if req.first_token is None and c.token_ids:
                     req.first_token = time.monotonic()
                     self._waiting -= 1
@@ -365,7 +381,7 @@ class VllmEngineModel:
                 # vLLM's cumulative_logprob is the whole output's even in DELTA outputs, and None
                 # (sent as NaN) when the sampling parameters ask for no `logprobs`.
                 arrays = responder.step(
-                    c.text,
+                    text,
                     n_new,
                     final=final,
                     finish_reason=c.finish_reason if final else None,
@@ -379,7 +395,7 @@ class VllmEngineModel:
                 if arrays is not None:
                     self._send(req, arrays, final)
                     if req.resumable is not None:
-                        req.resumable.sent(c.text, list(c.token_ids))
+                        req.resumable.sent(text, list(c.token_ids))
                     if not final and self._stream_interval_s > 0:
                         # At most one response per interval per request after the first: vLLM
                         # merges what it produces meanwhile into the next delta.

@@ -196,4 +196,16 @@ async def timed_stream(
         out.error = out.error or repr(e)
     finally:
         done.set()
+    # After the last response, let the server end the call rather than cancel it when the client
+    # closes: Triton 2.51 races a cancel against a stream's end (docs/reliability.md).
+    try:
+        async with asyncio.timeout(5):
+            async for _ in out._it:
+                pass
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this task is being cancelled, not just the call
+    except Exception:  # noqa: BLE001, S110 - a failed or cancelled call has ended too
+        pass
     return out

@@ -363,9 +363,8 @@ def test_eviction_for_an_urgent_request_and_the_evicted_one_completes_exactly(
         assert b.tokens == n_tokens
         text = "".join(b.texts)
         # What was produced before the eviction is not sent again (a resume that echoed its
-        # prompt, or a relay that re-sent the stream, would repeat the text so far whole). The
-        # probe is long: the tiny model repeats short runs on its own (a CI run saw its first 80
-        # characters again 13000 characters on, in the engine's first, uninterrupted stream),
+        # prompt, or a relay that re-sent the stream, would repeat the text so far whole: vLLM's
+        # detokenizer did so for one exact resume in ten, docs/engines.md). The probe is long
         # and no longer than the text so far (at least half a character per token).
         probe = text[: min(2000, before_tokens // 2)]
         second = text.find(probe, 1)

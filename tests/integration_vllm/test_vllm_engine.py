@@ -405,8 +405,10 @@ def test_priority_serves_urgent_request_before_queued_ones(vllm_server: VllmServ
     prio = run(True)
     vllm_server.figures["priority_test"] = {"without_priority": fcfs, "with_priority": prio}
     assert fcfs["queued"] >= min_queued and prio["queued"] >= min_queued, (fcfs, prio)
-    # Without priority the urgent request waits behind every queued long one ...
-    assert fcfs["high_ttft_s"] > max(fcfs["queued_first_token_s"])
+    # Without priority the urgent request waits behind every queued long one (seated in the same
+    # engine step as the last of them when two seats free at once: the same first-token time,
+    # seen once at 18.64 s against 18.64 s) ...
+    assert fcfs["high_ttft_s"] >= max(fcfs["queued_first_token_s"])
     # ... with it, it takes the first free seat, before any of them, and much sooner.
     assert prio["high_ttft_s"] < min(prio["queued_first_token_s"])
     assert prio["high_ttft_s"] < 0.75 * fcfs["high_ttft_s"]

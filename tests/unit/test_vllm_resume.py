@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qlm_backend.vllm_engine.resume import HEAD_CHARS, Resumable, ResumeMemory
+from qlm_backend.vllm_engine.resume import HEAD_CHARS, PrefillEcho, Resumable, ResumeMemory
 
 PROMPT = "The lighthouse keeper rose before the gulls. " * 8  # > HEAD_CHARS characters
 
@@ -61,3 +61,20 @@ def test_the_memory_is_bounded_oldest_first() -> None:
     by_tokens.remember(aborted("x" + PROMPT))
     by_tokens.remember(aborted("y" + PROMPT))
     assert len(by_tokens) == 1
+
+
+def test_prefill_echo_is_taken_back_only_from_a_prompt_ending_in_an_incomplete_character() -> None:
+    # vLLM's first output of such a token-id prompt is the whole text: prompt, then the new part.
+    echo = PrefillEcho("b1 harvest spring\ufffd")
+    assert echo.take("") == ""  # nothing yet (the detokenizer held it back)
+    assert echo.take("b1 harvest spring\u00e9 and more") == "\u00e9 and more"
+    assert echo.stripped == len("b1 harvest spring")
+    # Only the first text can carry it: a later one that happens to start so is kept whole.
+    assert echo.take("b1 harvest spring again") == "b1 harvest spring again"
+    # A prompt whose text ends cleanly is never touched.
+    clean = PrefillEcho("b1 harvest spring")
+    assert clean.take("b1 harvest spring and more") == "b1 harvest spring and more"
+    assert clean.stripped == 0
+    # The first text without the echo passes as it is.
+    plain = PrefillEcho("abc\ufffd")
+    assert plain.take("xyz") == "xyz" and plain.stripped == 0
