@@ -422,7 +422,7 @@ class VllmEngineModel:
             gone = self._gone()
             if not gone and self._resume is not None and req.resumable is not None:
                 self._resume.remember(req.resumable)  # an eviction: its resume may come
-            self._error(req, self._ended_message(), "unavailable" if gone else "cancelled")
+            self._error_ended(req)
         except Exception as e:  # noqa: BLE001 - a failed request answers with an error, never hangs
             self.logger.log_error(
                 f"{self.name}: request {req.rid} failed: {traceback.format_exc()}"
@@ -441,7 +441,7 @@ class VllmEngineModel:
             # admission): the body never ran, so nothing answered it. Its client gets the error
             # here; left unanswered, its response sender (and with it the model: Triton's response
             # factory holds it) lived on until a garbage collection, and an unload waited for it.
-            self._error(req, self._ended_message(), "unavailable" if self._gone() else "cancelled")
+            self._error_ended(req)
             self._observe(req, "abort")
             if self._trace:
                 self._trace_request(req, "abort")
@@ -457,11 +457,15 @@ class VllmEngineModel:
         """The engine itself ends its requests now (an unload, or a sleep under way)."""
         return self._closing or self._sleeping_now
 
-    def _ended_message(self) -> str:
+    def _error_ended(self, req: _Request) -> None:
+        """A request ended by its client's cancel, a sleep or an unload gets its error."""
         if self._gone():
             state = "unloaded" if self._closing else "put to sleep"
-            return f"{self.name}: model {state} while the request was running"
-        return "Request was cancelled"
+            self._error(
+                req, f"{self.name}: model {state} while the request was running", "unavailable"
+            )
+        else:
+            self._error(req, "Request was cancelled", "cancelled")
 
     def _publish_load(self) -> None:
         m = self.metrics

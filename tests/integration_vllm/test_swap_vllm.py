@@ -122,24 +122,21 @@ def _wait_for(cond: Any, timeout_s: float, what: str, evidence: Any = None) -> N
         time.sleep(0.2)
 
 
-def _unload_evidence(vs: VllmServer, watch: IndexWatch, offset: int) -> str:
-    """What a stuck unload leaves to see: the model's index entry, whether its stub still answers
-    a control request, the server log's lines about an unload since `offset` and its last lines."""
+def _unload_evidence(vs: VllmServer, watch: IndexWatch, offset: int, before: object) -> str:
+    """What a stuck unload leaves to see: what deep held just before it (`before`: an unloading
+    model takes no more requests, so it cannot be asked after), its index entry, the server log's
+    lines about an unload since `offset` and the log's last lines."""
     try:
         idx = watch.client.get_model_repository_index(headers=watch.headers, as_json=True)
         entry = [m for m in idx.get("models", []) if m.get("name") == DEEP_ENGINE]
     except Exception as e:  # noqa: BLE001 - evidence is best effort
         entry = [{"index": repr(e)}]
-    try:
-        reply: object = control(vs, DEEP_ENGINE, "state", timeout_s=10)
-    except Exception as e:  # noqa: BLE001
-        reply = repr(e)
-    text = vs.log_path.read_text(errors="replace")[offset:]
+    log = vs.log_path.read_text(errors="replace")
     keep = ("unload", "drain", "[shutdown]", "lifecycle", "stopped", DEEP_ENGINE)
-    lines = [ln[:240] for ln in text.splitlines() if any(k in ln for k in keep)]
-    tail = [ln[:240] for ln in vs.log_path.read_text(errors="replace").splitlines()[-25:]]
+    lines = [ln[:240] for ln in log[offset:].splitlines() if any(k in ln for k in keep)]
+    tail = [ln[:240] for ln in log.splitlines()[-25:]]
     return (
-        f"index entry: {entry}\nstate control: {reply}\nunload lines since the call:\n"
+        f"before the unload: {before}\nindex entry: {entry}\nunload lines since the call:\n"
         + ("\n".join(lines[-40:]) or "(no such line)")
         + "\nlog tail:\n"
         + "\n".join(tail)
@@ -184,7 +181,7 @@ def _restore(vs: VllmServer, watch: IndexWatch) -> None:
             lambda: watch.states()[DEEP_ENGINE] == "UNAVAILABLE",
             90,
             "deep unloaded",
-            lambda: f"before the unload: {before}\n{_unload_evidence(vs, watch, offset)}",
+            lambda: _unload_evidence(vs, watch, offset, before),
         )
         _wait_for(lambda: _stable(vs), 30, "deep's processes gone")
     if st[ENGINE] != "READY":
